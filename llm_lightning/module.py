@@ -1,0 +1,128 @@
+"""The LightningModule: a sequence classifier's steps, metrics and optimizer; nothing else.
+
+Fine-tuning schedules, distillation and pruning are callbacks that reach this module through
+Lightning hooks. Metrics follow lightning-hydra-template's keys: `train/loss`, `val/acc`,
+`val/acc_best`, `test/f1_macro`.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+from transformers import get_scheduler
+
+SCHEDULES = ("linear", "cosine", "constant_with_warmup")
+
+
+class SequenceClassifier(L.LightningModule):
+    """Wraps an HF sequence classifier (`LlamaForSequenceClassification` or a peft wrapper of it).
+
+    Args:
+        model: the classifier; `model(input_ids, attention_mask).logits` has shape (batch, num_labels).
+        label_names: class names, index = class id.
+        optimizer: `lr`, `weight_decay`, `betas`, `eps` for AdamW.
+        scheduler: `name` (one of SCHEDULES) and `warmup_ratio` of the total optimizer steps.
+    """
+
+    def __init__(self, model: nn.Module, label_names: list[str], optimizer: DictConfig | dict,
+                 scheduler: DictConfig | dict):
+        super().__init__()
+        self.model = model
+        self.label_names = list(label_names)
+        self.optimizer_cfg = _plain(optimizer)
+        self.scheduler_cfg = _plain(scheduler)
+        if self.scheduler_cfg["name"] not in SCHEDULES:
+            raise ValueError(f"scheduler.name={self.scheduler_cfg['name']!r} is not one of {SCHEDULES}.")
+        # Plain containers only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters({"label_names": self.label_names, "optimizer": self.optimizer_cfg,
+                                   "scheduler": self.scheduler_cfg})
+        n = len(self.label_names)
+        metrics = MetricCollection({"acc": MulticlassAccuracy(n, average="micro"),
+                                    "f1_macro": MulticlassF1Score(n, average="macro")})
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.val_acc_best = MaxMetric()
+        self.confusion = MulticlassConfusionMatrix(n)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits, shape (batch, num_labels), in float32 whatever the autocast dtype."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+
+    def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Cross-entropy; the distillation callback adds its terms through `extra_losses`."""
+        return nn.functional.cross_entropy(logits, batch["labels"])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        ce = self.loss(logits, batch)
+        loss = ce
+        # Callbacks (distillation) add terms here; each is logged on its own.
+        for name, term in getattr(self, "extra_losses", lambda *_: {})(logits, batch, ce).items():
+            self.log(f"train/{name}", term.detach(), on_step=True, on_epoch=True)
+            if name == "loss":
+                loss = term
+        bs = batch["labels"].shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.train_metrics.update(logits.detach(), batch["labels"])
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=bs)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Loss is {loss.item()} at global step {self.global_step} (epoch {self.current_epoch}, "
+                f"batch {batch_idx}). Lower optimizer.lr or use precision=32; the last good checkpoint is kept."
+            )
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        bs = batch["labels"].shape[0]
+        self.log("val/loss", self.loss(logits, batch), prog_bar=True, batch_size=bs, sync_dist=True)
+        self.val_metrics.update(logits, batch["labels"])
+        self.log_dict(self.val_metrics, prog_bar=True, batch_size=bs)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.val_acc_best(self.val_metrics["acc"].compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        bs = batch["labels"].shape[0]
+        self.log("test/loss", self.loss(logits, batch), batch_size=bs, sync_dist=True)
+        self.test_metrics.update(logits, batch["labels"])
+        self.log_dict(self.test_metrics, batch_size=bs)
+        self.confusion.update(logits.argmax(-1), batch["labels"])
+
+    def on_test_epoch_start(self) -> None:
+        self.confusion.reset()
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def configure_optimizers(self):
+        cfg = self.optimizer_cfg
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:  # gradual unfreezing adds the rest as new param groups later
+                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg["weight_decay"]},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))),
+                                      eps=cfg.get("eps", 1e-8))
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = int(self.scheduler_cfg.get("warmup_ratio", 0.0) * total)
+        scheduler = get_scheduler(self.scheduler_cfg["name"], optimizer, num_warmup_steps=warmup,
+                                  num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _plain(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)

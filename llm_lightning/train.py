@@ -1,0 +1,138 @@
+"""Fine-tune, test and export a sequence classifier.
+
+    python -m llm_lightning.train task=sentiment
+    python -m llm_lightning.train -m optimizer.lr=1e-5,3e-5 finetune=freeze,lora
+
+`train(cfg)` does the work and is what tests call; `main` is the thin Hydra entry point.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from llm_lightning.callbacks import GradualUnfreeze, LayerFreeze, TokenThroughput
+from llm_lightning.data import ClassificationDataModule, load_task
+from llm_lightning.export import export_model, write_json
+from llm_lightning.models import load_classifier
+from llm_lightning.module import SequenceClassifier
+from llm_lightning.report import log_confusion_matrix, log_final_hparams, print_summary
+
+log = logging.getLogger(__name__)
+METHODS = ("full", "freeze", "gradual_unfreeze", "lora")
+
+
+def apply_runtime(runtime) -> None:
+    if runtime.get("threads"):
+        torch.set_num_threads(int(runtime.threads))
+
+
+def finetune_callbacks(cfg) -> list[Callback]:
+    method = cfg.method
+    if method not in METHODS:
+        raise ValueError(f"finetune.method={method!r} is not one of {METHODS} (config group `finetune=`).")
+    if method == "full":
+        return [LayerFreeze(None, freeze_embeddings=True)] if cfg.freeze_embeddings else []
+    if method == "freeze":
+        return [LayerFreeze(cfg.trainable_layers, cfg.freeze_embeddings)]
+    if method == "gradual_unfreeze":
+        return [GradualUnfreeze(cfg.trainable_layers, cfg.layers_per_step, cfg.every_n_epochs,
+                                cfg.freeze_embeddings, cfg.lr_factor)]
+    return []  # lora: peft freezes everything but the adapters and the head
+
+
+def build(cfg: DictConfig):
+    """Everything `trainer.fit` needs, from the composed config."""
+    data = load_task(cfg.task, cfg.seed)
+    log.info("Data: %s", data.sizes())
+    print(f"Data ({cfg.task.name}): {data.sizes()}", flush=True)
+    model, tokenizer = load_classifier(cfg.model, data.label_names)
+    if cfg.finetune.method == "lora":
+        from llm_lightning.models.lora import add_lora
+
+        model = add_lora(model, cfg.finetune)
+    module = SequenceClassifier(model, data.label_names, cfg.optimizer, cfg.scheduler)
+    datamodule = ClassificationDataModule(
+        data, tokenizer, cfg.task.max_length, cfg.batch_size, cfg.eval_batch_size, cfg.seed,
+        group_by_length=cfg.group_by_length,
+    )
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    callbacks += finetune_callbacks(cfg.finetune)
+    return module, datamodule, tokenizer, callbacks
+
+
+def train(cfg: DictConfig) -> tuple[dict, dict]:
+    """Fit, test the best checkpoint, export `model/`, write `metrics.json`. Returns (metrics, objects)."""
+    out = Path(cfg.output_dir)
+    apply_runtime(cfg.runtime)
+    L.seed_everything(cfg.seed, workers=True)
+    module, datamodule, tokenizer, callbacks = build(cfg)
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    _save_config(cfg, out)
+
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    train_seconds = time.perf_counter() - started
+    if trainer.interrupted:
+        raise KeyboardInterrupt("Training was interrupted; resume with ckpt_path=last.")
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+    best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+    if cfg.get("test"):
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
+        metrics.update({k: float(v) for k, v in results[0].items()})
+        log_confusion_matrix(trainer, module, out)
+    throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
+    if throughput is not None and throughput.tokens_per_s:
+        metrics["train/tokens_per_s"] = throughput.tokens_per_s
+    metrics.update({
+        "train/seconds": train_seconds,
+        "train/trainable_params": float(module.trainable_parameters()),
+        "train/total_params": float(sum(p.numel() for p in module.model.parameters())),
+        "best_checkpoint": best,
+    })
+    _finish(cfg, trainer, module, tokenizer, metrics, out)
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "tokenizer": tokenizer}
+
+
+@rank_zero_only
+def _save_config(cfg: DictConfig, out: Path) -> None:
+    """The composed config, also when train() is called without Hydra (tests, notebooks)."""
+    hydra_dir = out / ".hydra"
+    if not (hydra_dir / "config.yaml").exists():
+        hydra_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, hydra_dir / "config.yaml", resolve=False)
+
+
+@rank_zero_only
+def _finish(cfg, trainer, module, tokenizer, metrics: dict, out: Path) -> None:
+    if cfg.get("export") and not trainer.fast_dev_run:
+        export_model(module.model, tokenizer, out / "model")
+    write_json(out / "metrics.json", metrics)
+    for lg in trainer.loggers:
+        if isinstance(lg, TensorBoardLogger):
+            log_final_hparams(lg, cfg, metrics)
+    print_summary(cfg, out, metrics)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics, _ = train(cfg)
+    # Returned for Hydra sweepers (Optuna) to optimise.
+    return metrics.get(cfg.get("optimized_metric", "val/acc_best"))
+
+
+if __name__ == "__main__":
+    main()
