@@ -31,7 +31,7 @@ class SequenceClassifier(L.LightningModule):
     def __init__(self, model: nn.Module, label_names: list[str], optimizer: DictConfig | dict,
                  scheduler: DictConfig | dict):
         super().__init__()
-        self.model = model
+        self.model = model.train()  # from_pretrained returns eval mode; dropout (if any) must be on
         self.label_names = list(label_names)
         self.optimizer_cfg = _plain(optimizer)
         self.scheduler_cfg = _plain(scheduler)
@@ -107,6 +107,19 @@ class SequenceClassifier(L.LightningModule):
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
+    def _use_fused(self) -> bool:
+        # fp16 AMP unscales gradients through the optimizer; Lightning only does that for unfused ones.
+        return bool(self.optimizer_cfg.get("fused", True)) and self.trainer.precision != "16-mixed"
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Lightning refuses to clip for fused optimizers, fearing scaled fp16 gradients; with no
+        GradScaler (fp32, bf16) the gradients are true values, so clip them directly."""
+        if gradient_clip_val and getattr(optimizer, "defaults", {}).get("fused") and gradient_clip_algorithm != "value":
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         cfg = self.optimizer_cfg
         decay, no_decay = [], []
@@ -116,7 +129,7 @@ class SequenceClassifier(L.LightningModule):
         groups = [{"params": decay, "weight_decay": cfg["weight_decay"]},
                   {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))),
-                                      eps=cfg.get("eps", 1e-8))
+                                      eps=cfg.get("eps", 1e-8), fused=self._use_fused())
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(self.scheduler_cfg.get("warmup_ratio", 0.0) * total)
         scheduler = get_scheduler(self.scheduler_cfg["name"], optimizer, num_warmup_steps=warmup,

@@ -87,7 +87,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     if trainer.interrupted:
         raise KeyboardInterrupt("Training was interrupted; resume with ckpt_path=last.")
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+               if v.numel() == 1 and not k.startswith("lr-") and not k.endswith("_step")}
     checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     if cfg.get("test"):

@@ -33,7 +33,7 @@ def load_classifier(model_cfg, label_names: Sequence[str]) -> tuple[PreTrainedMo
     if source == "smollm2":
         from llm_lightning.models.smollm2 import converted_dir
 
-        return _from_pretrained(str(converted_dir()), label_names)
+        return _from_pretrained(str(converted_dir()), label_names, attn_implementation=model_cfg.get("attn_implementation"))
     if source == "hf":
         if not model_cfg.get("name_or_path"):
             raise ValueError("model=hf needs model.name_or_path=<hub id or local directory>.")
@@ -42,6 +42,7 @@ def load_classifier(model_cfg, label_names: Sequence[str]) -> tuple[PreTrainedMo
             label_names,
             revision=model_cfg.get("revision"),
             trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+            attn_implementation=model_cfg.get("attn_implementation"),
         )
     if source == "tiny":
         from llm_lightning.models.tiny import byte_tokenizer, tiny_config
@@ -56,18 +57,23 @@ def load_classifier(model_cfg, label_names: Sequence[str]) -> tuple[PreTrainedMo
             num_key_value_heads=model_cfg.num_kv_heads,
         )
         cfg.update(label_maps(label_names))
+        cfg._attn_implementation = model_cfg.get("attn_implementation") or "eager"
         torch.manual_seed(model_cfg.get("init_seed", 0))  # same random weights in every process
         model = LlamaForSequenceClassification(cfg)
         return _with_pad_token(model, tokenizer)
     raise ValueError(f"Unknown model.source={source!r}; choose one of {SOURCES} (config group `model=`).")
 
 
-def _from_pretrained(name_or_path: str, label_names: Sequence[str], **kwargs):
+def _from_pretrained(name_or_path: str, label_names: Sequence[str], attn_implementation: str | None = None,
+                     **kwargs):
     if Path(name_or_path).expanduser().exists():
         name_or_path = str(Path(name_or_path).expanduser())
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if v is not None})
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForSequenceClassification.from_pretrained(
-        name_or_path, dtype=torch.float32, **label_maps(label_names), **{k: v for k, v in kwargs.items() if v is not None}
+        name_or_path, dtype=torch.float32, **label_maps(label_names), **kwargs
     )
     return _with_pad_token(model, tokenizer)
 

@@ -1,0 +1,58 @@
+"""Load what a run saved, for evaluation and prediction: an exported `model/` folder, or a
+Lightning checkpoint (rebuilt from the run's `.hydra/config.yaml`, read with weights_only=True)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from llm_lightning.models import load_classifier, load_exported
+
+
+def load_saved(path: str | Path):
+    """Return (model, tokenizer, label_names) from a `model/` folder or a `.ckpt` file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"No model at {path}: pass a run's `model/` folder or a checkpoint (.ckpt).")
+    if path.is_dir():
+        model, tokenizer = load_exported(path)
+        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        return model, tokenizer, names
+    return _from_checkpoint(path)
+
+
+def _from_checkpoint(ckpt: Path):
+    run_cfg = _run_config(ckpt)
+    # weights_only: a checkpoint is data; no pickled code from it ever runs.
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    names = list(state["hyper_parameters"]["label_names"])
+    model, tokenizer = load_classifier(run_cfg.model, names)
+    if run_cfg.finetune.method == "lora":
+        from llm_lightning.models.lora import add_lora, merged
+
+        model = add_lora(model, run_cfg.finetune)
+        _load_weights(model, state["state_dict"], ckpt)
+        return merged(model), tokenizer, names
+    _load_weights(model, state["state_dict"], ckpt)
+    return model, tokenizer, names
+
+
+def _load_weights(model, state_dict: dict, ckpt: Path) -> None:
+    weights = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{ckpt} does not fit the model its run config describes: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}.")
+
+
+def _run_config(ckpt: Path):
+    for parent in ckpt.parents:
+        cfg = parent / ".hydra" / "config.yaml"
+        if cfg.exists():
+            return OmegaConf.load(cfg)
+    raise FileNotFoundError(
+        f"No .hydra/config.yaml above {ckpt}: a checkpoint is rebuilt from its run's config. "
+        "Keep the checkpoint inside its run directory, or evaluate the run's exported model/ folder."
+    )
