@@ -51,6 +51,20 @@ def finetune_callbacks(cfg) -> list[Callback]:
     return []  # lora: peft freezes everything but the adapters and the head
 
 
+def stage_callbacks(cfg: DictConfig) -> list[Callback]:
+    """Distillation and pruning callbacks, chosen by the `distill=` and `prune=` groups."""
+    found: list[Callback] = []
+    if cfg.get("distill") and cfg.distill.method != "none":
+        from llm_lightning.callbacks.distill import distillation_callbacks
+
+        found += distillation_callbacks(cfg)
+    if cfg.get("prune") and cfg.prune.method != "none":
+        from llm_lightning.callbacks.prune import pruning_callbacks
+
+        found += pruning_callbacks(cfg)
+    return found
+
+
 def build(cfg: DictConfig):
     """Everything `trainer.fit` needs, from the composed config."""
     data = load_task(cfg.task, cfg.seed)
@@ -67,7 +81,7 @@ def build(cfg: DictConfig):
         group_by_length=cfg.group_by_length,
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
-    callbacks += finetune_callbacks(cfg.finetune)
+    callbacks += finetune_callbacks(cfg.finetune) + stage_callbacks(cfg)
     return module, datamodule, tokenizer, callbacks
 
 
@@ -105,6 +119,10 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         "best_checkpoint": best,
     })
     _finish(cfg, trainer, module, tokenizer, metrics, out)
+    if cfg.get("quantize") and cfg.quantize.method != "none" and trainer.is_global_zero:
+        from llm_lightning.quantize import quantize_run
+
+        metrics.update(quantize_run(cfg, out))
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "tokenizer": tokenizer}
 
 
