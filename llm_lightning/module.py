@@ -61,12 +61,13 @@ class SequenceClassifier(L.LightningModule):
         logits = self(batch["input_ids"], batch["attention_mask"])
         ce = self.loss(logits, batch)
         loss = ce
-        # Callbacks (distillation) add terms here; each is logged on its own.
+        bs = batch["labels"].shape[0]
+        # Callbacks (distillation) add terms here; each is logged on its own, "loss" as train/loss below.
         for name, term in getattr(self, "extra_losses", lambda *_: {})(logits, batch, ce).items():
-            self.log(f"train/{name}", term.detach(), on_step=True, on_epoch=True)
             if name == "loss":
                 loss = term
-        bs = batch["labels"].shape[0]
+            else:
+                self.log(f"train/{name}", term.detach(), on_step=True, on_epoch=True, batch_size=bs)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         self.train_metrics.update(logits.detach(), batch["labels"])
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=bs)

@@ -65,12 +65,21 @@ def stage_callbacks(cfg: DictConfig) -> list[Callback]:
     return found
 
 
+def build_classifier(cfg: DictConfig, label_names):
+    """The model to train: the `model=` source, or under `distill=kd` the student."""
+    if cfg.get("distill") and cfg.distill.method != "none":
+        from llm_lightning.models.student import build_student
+
+        return build_student(cfg, label_names)
+    return load_classifier(cfg.model, label_names)
+
+
 def build(cfg: DictConfig):
     """Everything `trainer.fit` needs, from the composed config."""
     data = load_task(cfg.task, cfg.seed)
     log.info("Data: %s", data.sizes())
     print(f"Data ({cfg.task.name}): {data.sizes()}", flush=True)
-    model, tokenizer = load_classifier(cfg.model, data.label_names)
+    model, tokenizer = build_classifier(cfg, data.label_names)
     if cfg.finetune.method == "lora":
         from llm_lightning.models.lora import add_lora
 

@@ -28,7 +28,12 @@ def _from_checkpoint(ckpt: Path):
     # weights_only: a checkpoint is data; no pickled code from it ever runs.
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     names = list(state["hyper_parameters"]["label_names"])
-    model, tokenizer = load_classifier(run_cfg.model, names)
+    if run_cfg.get("distill") and run_cfg.distill.method != "none":  # a student: rebuilt as its run built it
+        from llm_lightning.models.student import build_student
+
+        model, tokenizer = build_student(run_cfg, names)
+    else:
+        model, tokenizer = load_classifier(run_cfg.model, names)
     if run_cfg.finetune.method == "lora":
         from llm_lightning.models.lora import add_lora, merged
 

@@ -1,0 +1,223 @@
+"""Knowledge distillation: the loss, the student built from the teacher's layers, the teacher-output
+cache, and the errors for a teacher that does not fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from llm_lightning.callbacks.distill import KnowledgeDistillation
+from llm_lightning.callbacks.kd_losses import HiddenStateLoss, KLDivergenceLoss, Schedule
+from llm_lightning.callbacks.teacher_cache import TeacherCache, teacher_outputs
+from llm_lightning.data import ClassificationDataModule, load_task
+from llm_lightning.export import export_model
+from llm_lightning.models import load_classifier
+from llm_lightning.models.student import (
+    build_student,
+    check_same_tokenizer,
+    evenly_spaced,
+    load_teacher,
+    student_from_teacher,
+    weights_sha256,
+)
+from llm_lightning.models.tiny import byte_tokenizer
+from tests.conftest import make_cfg
+
+LABELS = ["negative", "positive"]
+TINY = OmegaConf.create(dict(source="tiny", hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
+                             num_kv_heads=2, init_seed=0, attn_implementation="eager"))
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """An exported 3-layer tiny teacher (random weights are enough to test the plumbing)."""
+    model, tok = load_classifier(TINY, LABELS)
+    return export_model(model, tok, tmp_path_factory.mktemp("teacher") / "model")
+
+
+@pytest.fixture
+def batch():
+    tok = byte_tokenizer()
+    enc = tok(["a gorgeous film", "dull", "it was fine, I suppose"], padding=True, return_tensors="pt")
+    return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask,
+            "labels": torch.tensor([1, 0, 1]), "index": torch.tensor([0, 1, 2])}
+
+
+# ---- the loss ----
+
+def test_kd_loss_is_zero_for_identical_logits_and_positive_otherwise():
+    loss = KLDivergenceLoss()
+    logits = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    for t in (0.5, 1.0, 4.0):
+        assert loss(logits, logits.clone(), t).item() == pytest.approx(0.0, abs=1e-6)
+        assert loss(logits, logits.flip(0), t).item() > 1e-3
+
+
+def test_kd_loss_is_t_squared_times_kl_and_tends_to_half_the_variance():
+    g = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g)
+    loss = KLDivergenceLoss()
+    for t in (1.0, 2.0, 5.0):
+        kl = F.kl_div(F.log_softmax(student / t, -1), F.softmax(teacher / t, -1), reduction="batchmean")
+        assert loss(student, teacher, t).item() == pytest.approx(t**2 * kl.item(), rel=1e-5)
+    # Documented: for large T the T²-scaled loss tends to mean((d - mean d)²) / 2, d = student - teacher.
+    d = student - teacher
+    limit = ((d - d.mean(-1, keepdim=True)) ** 2).mean(-1).div(2).mean().item()
+    assert loss(student, teacher, 200.0).item() == pytest.approx(limit, rel=1e-2)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        loss(student, teacher, 0.0)
+
+
+def test_hidden_loss_projects_only_when_widths_differ():
+    assert isinstance(HiddenStateLoss(8, 8).proj, torch.nn.Identity)
+    h = HiddenStateLoss(4, 8)
+    assert h(torch.randn(3, 4), torch.randn(3, 8)).shape == ()
+
+
+def test_schedules_move_between_start_and_end():
+    assert Schedule(4.0, 1.0, "linear")(0.5) == pytest.approx(2.5)
+    assert Schedule(4.0, 1.0, "cosine")(0.25) == pytest.approx(4.0 - 3.0 * (1 - 0.5**0.5) / 2)
+    assert Schedule(0.5)(0.9) == 0.5 and Schedule(4.0, 1.0, "linear")(2.0) == 1.0
+    with pytest.raises(ValueError, match="not one of"):
+        Schedule(1.0, 2.0, "step")
+    with pytest.raises(ValueError, match="alpha must be in"):
+        KnowledgeDistillation("x", "t", alpha=1.5)
+
+
+# ---- the student ----
+
+def test_student_keeping_every_layer_is_exactly_the_teacher(teacher_dir, batch):
+    teacher, _ = load_teacher(str(teacher_dir), LABELS)
+    student = student_from_teacher(teacher, [0, 1, 2]).eval()
+    with torch.no_grad():
+        expected = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(got, expected)
+
+
+def test_student_copies_the_kept_layers_embeddings_norm_and_head(teacher_dir):
+    teacher, _ = load_teacher(str(teacher_dir), LABELS)
+    student = student_from_teacher(teacher, [0, 2])
+    assert student.config.num_hidden_layers == 2 and len(student.model.layers) == 2
+    assert student.config.distilled_from == {"keep_layers": [0, 2], "teacher_layers": 3}
+    pairs = [(student.model.layers[1], teacher.model.layers[2]), (student.model.embed_tokens, teacher.model.embed_tokens),
+             (student.model.norm, teacher.model.norm), (student.score, teacher.score)]
+    for s, t in pairs:
+        for (name, ps), pt in zip(s.named_parameters(), t.parameters(), strict=True):
+            assert torch.equal(ps, pt) and ps.data_ptr() != pt.data_ptr(), name
+    assert all(p.requires_grad for p in student.parameters()) and student.training
+    assert evenly_spaced(30, 15) == [0, 2, 4, 6, 8, 10, 12, 14, 17, 19, 21, 23, 25, 27, 29]
+    assert evenly_spaced(30, 1) == [29] and evenly_spaced(4, 4) == [0, 1, 2, 3]
+
+
+def test_build_student_records_the_kept_layers_in_the_config(teacher_dir, tmp_path):
+    cfg = make_cfg(tmp_path, ["distill=kd", f"distill.teacher={teacher_dir}", "distill.student.num_layers=2"])
+    student, tok = build_student(cfg, LABELS)
+    assert cfg.distill.student.keep_layers == [0, 2] and len(student.model.layers) == 2
+    teacher, _ = load_teacher(str(teacher_dir), LABELS)
+    assert cfg.distill.teacher_sha256 == weights_sha256(teacher)
+
+
+# ---- bad input ----
+
+def test_keep_layers_out_of_range_is_a_clear_error(teacher_dir, tmp_path):
+    cfg = make_cfg(tmp_path, ["distill=kd", f"distill.teacher={teacher_dir}", "distill.student.keep_layers=[0,5]"])
+    with pytest.raises(ValueError, match=r"distill.student.keep_layers=\[0, 5\] is out of range: \[5\].*0\.\.2"):
+        build_student(cfg, LABELS)
+    cfg = make_cfg(tmp_path, ["distill=kd", f"distill.teacher={teacher_dir}", "distill.student.num_layers=4"])
+    with pytest.raises(ValueError, match=r"num_layers=4 is out of range.*3 decoder layers; choose 1\.\.3"):
+        build_student(cfg, LABELS)
+
+
+def test_missing_teacher_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"distill.teacher='/nowhere/model' does not exist.*model/ folder"):
+        load_teacher("/nowhere/model", LABELS)
+
+
+def test_teacher_with_other_labels_is_refused(teacher_dir):
+    with pytest.raises(ValueError, match=r"teacher's labels \['negative', 'positive'\] differ.*\['a', 'b', 'c'\]"):
+        load_teacher(str(teacher_dir), ["a", "b", "c"])
+
+
+def test_student_with_another_tokenizer_is_refused(teacher_dir, tmp_path):
+    other = byte_tokenizer()
+    other.add_tokens(["<movie>"])
+    with pytest.raises(ValueError, match=r"different tokenizers: vocabularies differ .*only in the student: \['<movie>'\]"):
+        check_same_tokenizer(byte_tokenizer(), other)
+    # Through the config: a student from `model=` must share the teacher's tokenizer (here it does).
+    cfg = make_cfg(tmp_path, ["distill=kd", f"distill.teacher={teacher_dir}", "distill.student.from_teacher=false",
+                              "model.hidden_size=32"])
+    student, _ = build_student(cfg, LABELS)
+    assert student.config.hidden_size == 32
+
+
+# ---- the cache and the callback ----
+
+def _datamodule(tmp_path, max_length: int = 64):
+    cfg = make_cfg(tmp_path)
+    data = load_task(cfg.task, cfg.seed)
+    dm = ClassificationDataModule(data, byte_tokenizer(), max_length, 4, 8, cfg.seed)
+    dm.setup()
+    return dm
+
+
+def test_cached_loss_equals_uncached_on_the_same_batch(teacher_dir, tmp_path):
+    teacher, _ = load_teacher(str(teacher_dir), LABELS)
+    dm = _datamodule(tmp_path)
+    split = dm.splits["train"]
+    cache = TeacherCache(tmp_path / "cache", weights_sha256(teacher), "sentiment", 64, "32-true", with_hidden=True)
+    cached = KnowledgeDistillation(str(teacher_dir), "sentiment", temperature=3.0, alpha=0.7, hidden_weight=0.0)
+    cached.outputs["train"] = cache.fill(teacher, "train", split.input_ids, 0, batch_size=5, log=lambda _: None)
+    uncached = KnowledgeDistillation(str(teacher_dir), "sentiment", temperature=3.0, alpha=0.7, use_cache=False)
+    uncached.teacher = teacher
+    batch = next(iter(dm.train_dataloader()))  # different padding than the fill's length-sorted batches
+    student_logits = torch.randn(batch["labels"].shape[0], 2)
+    ce = F.cross_entropy(student_logits, batch["labels"])
+    a, b = cached.extra_losses(student_logits, batch, ce), uncached.extra_losses(student_logits, batch, ce)
+    assert set(a) == {"kd", "ce", "loss"}
+    torch.testing.assert_close(a["loss"], b["loss"], atol=1e-6, rtol=1e-5)
+    assert a["kd"].item() > 0
+    _, hidden = teacher_outputs(teacher, batch["input_ids"], batch["attention_mask"], with_hidden=True)
+    torch.testing.assert_close(cached.outputs["train"]["hidden"][batch["index"]], hidden, atol=1e-5, rtol=1e-4)
+
+
+def test_cache_is_reused_and_invalidated_by_a_changed_teacher_or_tokenization(teacher_dir, tmp_path):
+    teacher, _ = load_teacher(str(teacher_dir), LABELS)
+    dm = _datamodule(tmp_path)
+    ids = dm.splits["train"].input_ids
+    cache = TeacherCache(tmp_path / "cache", weights_sha256(teacher), "sentiment", 64, "32-true")
+    assert cache.load("train", ids) is None
+    entry = cache.fill(teacher, "train", ids, 0, batch_size=8, log=lambda _: None)
+    assert torch.equal(cache.load("train", ids)["logits"], entry["logits"])  # another run reuses it
+    with torch.no_grad():
+        teacher.score.weight.add_(0.01)
+    changed = TeacherCache(tmp_path / "cache", weights_sha256(teacher), "sentiment", 64, "32-true")
+    assert changed.teacher_sha256 != cache.teacher_sha256 and changed.load("train", ids) is None
+    shorter = [x[:8] for x in ids]  # max_length=8 tokenizes differently
+    assert cache.load("train", shorter) is None and cache.path("train", shorter) != cache.path("train", ids)
+
+
+def test_teacher_gets_no_gradient_and_the_projection_trains(teacher_dir, tmp_path):
+    """In-process run with the teacher in memory (cache off) and a narrower student, so the
+    hidden-state term has a learned projection."""
+    from llm_lightning.train import train
+
+    cfg = make_cfg(tmp_path, ["distill=kd", f"distill.teacher={teacher_dir}", "distill.student.from_teacher=false",
+                              "model.hidden_size=32", "model.intermediate_size=64", "distill.cache.enabled=false",
+                              "distill.hidden_weight=1.0", "test=false", "export=false"])
+    metrics, objects = train(cfg)
+    callback = next(c for c in objects["trainer"].callbacks if isinstance(c, KnowledgeDistillation))
+    teacher = callback.teacher
+    reference, _ = load_teacher(str(teacher_dir), LABELS)
+    assert not teacher.training and all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    for (name, p), q in zip(teacher.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q), name  # the optimizer never touched the teacher
+    proj = objects["module"].distill_hidden.proj
+    assert isinstance(proj, torch.nn.Linear) and proj.weight.shape == (64, 32)
+    optimizer = objects["trainer"].optimizers[0]
+    assert any(proj.weight is p for g in optimizer.param_groups for p in g["params"])
+    assert optimizer.state[proj.weight]["exp_avg"].abs().sum() > 0  # it got gradients and steps
+    for key in ("train/kd_epoch", "train/ce_epoch", "train/hidden_epoch", "train/loss_epoch"):
+        assert key in metrics, key
