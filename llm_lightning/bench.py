@@ -1,0 +1,204 @@
+"""Measure a classifier the same way at every stage (fp32, pruned, distilled, quantized).
+
+`measure(model, tokenizer, texts, labels)` returns one flat dict:
+
+- `acc`, `f1_macro`: on all the given texts (the task's test split), batches sorted by length;
+  this pass is also the warm-up that compiles every shape when the model is `torch.compile`d.
+- `latency_p50_ms`, `latency_p95_ms`: batch 1, each of the first `latency_texts` texts timed
+  alone; per text the median of `repeats` runs, then the 50th/95th percentile over texts.
+- `tokens_per_s_b{n}`, `texts_per_s_b{n}` for n in `batch_sizes`: the first `throughput_texts`
+  texts in split order (real length mix, padded per batch); the median of `repeats` timed passes
+  after `warmup` untimed ones. Tokens are real (non-pad) tokens.
+- `peak_rss_mb`: the process's peak resident memory during the measurement (the kernel's
+  high-water mark is reset first), so it includes the Python and torch runtime (~0.4 GB).
+- `size_mb`: weight files in the model's folder; `params`: parameter count (logical elements).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".gguf")
+
+
+@dataclass
+class BenchSettings:
+    batch_sizes: Sequence[int] = field(default_factory=lambda: (16, 32))
+    throughput_texts: int = 256  # texts per timed throughput pass
+    latency_texts: int = 32  # texts timed one at a time for the batch-1 latency
+    warmup: int = 1  # untimed passes before timing (compiles, warms caches)
+    repeats: int = 3  # timed passes; medians are reported
+    eval_batch_size: int = 32  # accuracy pass
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"bench.{k}={v} must be >= 1"
+            for k, v in asdict(self).items()
+            if k != "batch_sizes" and int(v) < 1
+        ]
+        if not self.batch_sizes or min(int(b) for b in self.batch_sizes) < 1:
+            problems.append(f"bench.batch_sizes={list(self.batch_sizes)} must be positive integers")
+        if problems:
+            raise ValueError("; ".join(problems) + " (config group `bench=`).")
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's resident-memory high-water mark (Linux >= 4.0); elsewhere a no-op."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def size_on_disk_mb(path: str | Path | None) -> float | None:
+    if path is None or not Path(path).exists():
+        return None
+    files = [Path(path)] if Path(path).is_file() else Path(path).rglob("*")
+    return sum(f.stat().st_size for f in files if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES)) / 1e6
+
+
+def pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask), each of shape (batch, longest row)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def _batches(rows: list[list[int]], size: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [pad(rows[i : i + size], pad_id) for i in range(0, len(rows), size)]
+
+
+def _logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=mask).logits.float()
+
+
+def _timed_pass(model: nn.Module, batches) -> float:
+    started = time.perf_counter()
+    for ids, mask in batches:
+        _logits(model, ids, mask)
+    return time.perf_counter() - started
+
+
+def evaluate(
+    model: nn.Module,
+    rows: list[list[int]],
+    labels: Sequence[int],
+    num_labels: int,
+    batch_size: int,
+    pad_id: int,
+) -> dict:
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # less padding, same metrics
+    preds = torch.empty(len(rows), dtype=torch.long)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        preds[idx] = _logits(model, *pad([rows[i] for i in idx], pad_id)).argmax(-1)
+    target = torch.tensor(list(labels))
+    return {
+        "acc": float(multiclass_accuracy(preds, target, num_labels, average="micro")),
+        "f1_macro": float(multiclass_f1_score(preds, target, num_labels, average="macro")),
+    }
+
+
+def measure(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    settings: BenchSettings | None = None,
+    path: str | Path | None = None,
+    num_labels: int | None = None,
+) -> dict:
+    """Accuracy, latency, throughput, memory and size of `model` (already compiled if it should be).
+
+    Args:
+        model: a sequence classifier; `model(input_ids, attention_mask).logits` is (batch, num_labels).
+        texts, labels: the task's test split.
+        path: the model's saved folder, for the size on disk.
+    """
+    settings = settings or BenchSettings()
+    if len(texts) == 0:
+        raise ValueError("bench.measure needs at least one test text; the test split is empty.")
+    num_labels = num_labels or int(model.config.num_labels)
+    pad_id = tokenizer.pad_token_id
+    rows = tokenizer(list(texts), truncation=True, max_length=settings.max_length)["input_ids"]
+    reset_peak_rss()
+    result: dict = {
+        "params": float(sum(p.numel() for p in model.parameters())),
+        "size_mb": size_on_disk_mb(path),
+        "threads": float(torch.get_num_threads()),
+    }
+    model.eval()
+    with torch.inference_mode():
+        result.update(evaluate(model, rows, labels, num_labels, settings.eval_batch_size, pad_id))
+        result.update(_latency(model, rows[: settings.latency_texts], settings, pad_id))
+        for size in settings.batch_sizes:
+            result.update(_throughput(model, rows[: settings.throughput_texts], int(size), settings, pad_id))
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def _latency(model: nn.Module, rows: list[list[int]], settings: BenchSettings, pad_id: int) -> dict:
+    singles = _batches(rows, 1, pad_id)
+    for _ in range(settings.warmup):
+        _timed_pass(model, singles)
+    per_text = []
+    for batch in singles:
+        per_text.append(statistics.median(_timed_pass(model, [batch]) for _ in range(settings.repeats)))
+    ms = sorted(t * 1000 for t in per_text)
+    return {"latency_p50_ms": _percentile(ms, 50), "latency_p95_ms": _percentile(ms, 95)}
+
+
+def _throughput(
+    model: nn.Module, rows: list[list[int]], size: int, settings: BenchSettings, pad_id: int
+) -> dict:
+    batches = _batches(rows, size, pad_id)
+    tokens = sum(int(mask.sum()) for _, mask in batches)
+    for _ in range(settings.warmup):
+        _timed_pass(model, batches)
+    seconds = statistics.median(_timed_pass(model, batches) for _ in range(settings.repeats))
+    return {f"tokens_per_s_b{size}": tokens / seconds, f"texts_per_s_b{size}": len(rows) / seconds}
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = (len(sorted_values) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine

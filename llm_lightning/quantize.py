@@ -1,0 +1,234 @@
+"""Post-training quantization of an exported classifier, with torchao.
+
+    python -m llm_lightning.quantize model_path=outputs/sentiment/<date>/<time>/model quantize=int8_dynamic
+    python -m llm_lightning.train task=sentiment quantize=int8_dynamic     # after training, on model/
+
+The quantized model is evaluated on the task's test split, benchmarked next to its fp32 input
+(llm_lightning.bench), and saved to `<run>/quantized/` in this format, which
+`llm_lightning.models.saved.load_saved` (evaluate, predict) loads:
+
+    quantized/
+      config.json, tokenizer files    as in model/ (save_pretrained)
+      quantization.json               {"format": 1, "method", "compile", "torch", "torchao",
+                                      "weights", "attn_implementation"}
+      quantized_weights.pt            torch.save(state_dict): the linear weights are torchao tensor
+                                      subclasses (Int8Tensor), everything else plain tensors
+
+`quantized_weights.pt` loads with `torch.load(weights_only=True)`: torchao registers its tensor
+classes as safe globals, so no pickled code runs. The weights need the same major torchao version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from llm_lightning.export import atomic_dir
+
+log = logging.getLogger(__name__)
+
+METHODS = ("none", "int8_dynamic", "int8_weight_only", "int4_weight_only")
+WEIGHTS_FILE = "quantized_weights.pt"
+META_FILE = "quantization.json"
+FORMAT_VERSION = 1
+
+
+class QuantizationUnsupportedError(RuntimeError):
+    """The chosen quantization has no kernel on this platform."""
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"quantize.method={method!r} is not one of {METHODS} (config group `quantize=`).")
+
+
+def torchao_config(method: str, group_size: int = 128):
+    """The torchao `quantize_` config for a method (not `none`)."""
+    from torchao.quantization import (
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+    )
+
+    check_method(method)
+    if method == "int8_dynamic":  # per-token int8 activations, per-row int8 weights: torch._int_mm
+        return Int8DynamicActivationInt8WeightConfig()
+    if method == "int8_weight_only":  # int8 weights dequantized inside the fp32 matmul
+        return Int8WeightOnlyConfig()
+    if method == "int4_weight_only":
+        # tile_packed_to_4d is torchao's tinygemm layout, the one int4 path with a non-GPU-library kernel.
+        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
+    raise ValueError("quantize.method=none has no torchao config; there is nothing to quantize.")
+
+
+def check_platform(method: str, device: str = "cpu", group_size: int = 128) -> None:
+    """Quantize a small probe layer first, so an unsupported choice fails at once with advice,
+    not halfway into a model with a torchao assertion."""
+    from torchao.quantization import quantize_
+
+    if method == "none":
+        return
+    dtype = torch.bfloat16 if method == "int4_weight_only" else torch.float32
+    probe = nn.Sequential(nn.Linear(group_size, group_size)).to(device=device, dtype=dtype)
+    try:
+        quantize_(probe, torchao_config(method, group_size))
+        with torch.inference_mode():
+            probe(torch.randn(2, group_size, device=device, dtype=dtype))
+    except (ImportError, NotImplementedError, AssertionError, RuntimeError) as e:
+        import torchao
+
+        raise QuantizationUnsupportedError(
+            f"quantize.method={method!r} cannot run on this platform ({device}, torch {torch.__version__}, "
+            f"torchao {torchao.__version__}): {type(e).__name__}: {str(e).strip()[:200]}. "
+            + (
+                "torchao's int4 weight-only kernels need CUDA (tinygemm) or the mslk GPU library. "
+                if method == "int4_weight_only"
+                else ""
+            )
+            + "On a CPU use quantize=int8_dynamic (int8 activations and weights; fastest here) "
+            "or quantize=int8_weight_only."
+        ) from e
+
+
+def quantize_model(model: nn.Module, method: str, group_size: int = 128) -> nn.Module:
+    """Quantize the model's linear layers in place (embeddings stay fp32) and return it in eval mode."""
+    from torchao.quantization import quantize_
+
+    check_method(method)
+    model.eval()
+    if method == "none":
+        return model
+    device = next(model.parameters()).device.type
+    check_platform(method, device, group_size)
+    if method == "int4_weight_only":
+        model.to(torch.bfloat16)  # tinygemm packs bf16 weights
+    quantize_(model, torchao_config(method, group_size))
+    return model
+
+
+def maybe_compile(model: nn.Module, compile: bool) -> nn.Module:
+    """torch.compile with dynamic shapes: texts differ in length, and one graph serves them all."""
+    return torch.compile(model, dynamic=True) if compile else model
+
+
+def save_quantized(model: nn.Module, tokenizer, target: Path, method: str, compile: bool = False) -> Path:
+    """Write the quantized model in the format described at the top of this file."""
+    import torchao
+
+    def write(tmp: Path) -> None:
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save(model.state_dict(), tmp / WEIGHTS_FILE)
+        meta = {
+            "format": FORMAT_VERSION,
+            "method": method,
+            "compile": bool(compile),
+            "torch": torch.__version__,
+            "torchao": torchao.__version__,
+            "weights": WEIGHTS_FILE,
+            # not in config.json; eager attention is the faster one on CPU for short texts
+            "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    return atomic_dir(target, write)
+
+
+def is_quantized_dir(path: Path) -> bool:
+    return (Path(path) / META_FILE).exists()
+
+
+def load_quantized(path: Path):
+    """Return (model, tokenizer) from a folder written by `save_quantized`, in eval mode, not compiled."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from llm_lightning.models import _with_pad_token
+
+    path = Path(path)
+    meta = json.loads((path / META_FILE).read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path / META_FILE}: format {meta.get('format')!r}; this version reads {FORMAT_VERSION}."
+        )
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(path)
+    with no_init_weights():  # the placeholders are replaced below; untouched pages cost no memory
+        model = AutoModelForSequenceClassification.from_config(
+            config, dtype=torch.float32, attn_implementation=meta.get("attn_implementation") or "eager"
+        )
+    state = torch.load(path / meta["weights"], map_location="cpu", weights_only=True)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not _tied(model, k)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path / meta['weights']} does not fit {path / 'config.json'}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
+    model.tie_weights()
+    return _with_pad_token(model.eval(), AutoTokenizer.from_pretrained(path))
+
+
+def _tied(model: nn.Module, key: str) -> bool:
+    return key.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)
+
+
+def quantize_run(cfg: DictConfig, out: Path, model_dir: Path | None = None) -> dict:
+    """Quantize `model_dir` (default `<out>/model`), save `<out>/quantized/`, evaluate and benchmark
+    both on the test split, and write the per-stage report. Returns `quantize/...` metrics."""
+    from llm_lightning.data import load_task
+    from llm_lightning.models.saved import load_saved
+    from llm_lightning.stages import bench_settings, measure_stage, write_report
+
+    out = Path(out)
+    qcfg = cfg.quantize
+    check_method(qcfg.method)
+    check_platform(qcfg.method, "cpu", qcfg.get("group_size", 128))
+    model_dir = Path(model_dir) if model_dir is not None else out / "model"
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(
+            f"quantize: no exported model at {model_dir} (set export=true, or pass "
+            "model_path=<a run's model/ folder>)."
+        )
+    data = load_task(cfg.task, cfg.seed)
+    settings = bench_settings(cfg)
+    model, tokenizer, _ = load_saved(model_dir)
+    rows = [measure_stage("fp32", model, tokenizer, data, cfg, model_dir, settings, compile=False)]
+    quantized = quantize_model(model, qcfg.method, qcfg.get("group_size", 128))
+    target = save_quantized(quantized, tokenizer, out / "quantized", qcfg.method, qcfg.compile)
+    name = qcfg.method + ("+compile" if qcfg.compile else "")
+    rows.append(
+        measure_stage(
+            name,
+            quantized,
+            tokenizer,
+            data,
+            cfg,
+            target,
+            settings,
+            compile=bool(qcfg.compile),
+            input_stage="fp32",
+        )
+    )
+    write_report(rows, out, cfg, require_speedup=bool(qcfg.get("require_speedup", False)))
+    final = rows[-1]
+    return {f"quantize/{k}": v for k, v in final.items() if isinstance(v, float)}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="quantize_model")
+def main(cfg: DictConfig) -> None:
+    from llm_lightning.train import apply_runtime
+
+    apply_runtime(cfg.runtime)
+    metrics = quantize_run(cfg, Path(cfg.output_dir), Path(cfg.model_path).expanduser())
+    print(json.dumps(metrics, indent=2, sort_keys=True), flush=True)
+
+
+if __name__ == "__main__":
+    main()

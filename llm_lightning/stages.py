@@ -1,0 +1,288 @@
+"""The per-stage compression report: every stage measured the same way (llm_lightning.bench),
+written as `report.json`, `report.md` (one row per stage), `pareto.png` (accuracy against
+throughput) and to TensorBoard (hparams per stage, the table as text).
+
+    python -m llm_lightning.stages outputs/sentiment/<date>/<time>     # re-measure a run's stages
+
+A "compressed" stage slower than its input is a warning; with `quantize.require_speedup=true`
+it is an error (the report is still written first, so you can see why).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from llm_lightning.bench import BenchSettings, cpu_name, measure
+from llm_lightning.export import write_json
+
+log = logging.getLogger(__name__)
+
+SPEED_KEY = "tokens_per_s_b16"  # what "faster" means: batch-16 throughput on real test texts
+# (column, header, format) for report.md; report.json has every key of every row.
+COLUMNS = (
+    ("stage", "stage", "{}"),
+    ("input", "input", "{}"),
+    ("acc", "test acc", "{:.4f}"),
+    ("f1_macro", "macro-F1", "{:.4f}"),
+    ("tokens_per_s_b16", "tok/s b16", "{:,.0f}"),
+    ("texts_per_s_b16", "texts/s b16", "{:,.1f}"),
+    ("tokens_per_s_b32", "tok/s b32", "{:,.0f}"),
+    ("texts_per_s_b32", "texts/s b32", "{:,.1f}"),
+    ("latency_p50_ms", "p50 ms b1", "{:.1f}"),
+    ("latency_p95_ms", "p95 ms b1", "{:.1f}"),
+    ("speedup", "speedup vs input", "{:.2f}x"),
+    ("params", "params", "{:,.0f}"),
+    ("size_mb", "disk MB", "{:.1f}"),
+    ("peak_rss_mb", "peak RSS MB", "{:,.0f}"),
+    ("threads", "threads", "{:.0f}"),
+)
+
+
+class NoTestSplitError(ValueError):
+    """The report measures accuracy and speed on the task's test split, and there is none."""
+
+
+class SpeedGateError(RuntimeError):
+    """A compressed stage is slower than its input and `quantize.require_speedup=true`."""
+
+
+def bench_settings(cfg: DictConfig) -> BenchSettings:
+    """`cfg.bench` (config group `bench=`), or the defaults when a config has none."""
+    if cfg.get("bench") is None:
+        return BenchSettings()
+    values = OmegaConf.to_container(cfg.bench, resolve=True)
+    return BenchSettings(**values)
+
+
+def require_test_split(data, where: str) -> None:
+    test = getattr(data, "test", None)
+    if test is None or len(test) == 0:
+        raise NoTestSplitError(
+            f"The stage report for {where} needs the task's test split, and it has "
+            f"{'none' if test is None else 'an empty one'}. Give the task a test split: "
+            "task.split=[train, val, test] fractions with test > 0, or task.test_path=<file>."
+        )
+
+
+def measure_stage(
+    name: str,
+    model: nn.Module,
+    tokenizer,
+    data,
+    cfg: DictConfig,
+    path: Path | None,
+    settings: BenchSettings,
+    compile: bool = False,
+    input_stage: str | None = None,
+) -> dict:
+    """One report row: the bench measurements of `model` on the test split, plus what the stage is."""
+    from llm_lightning.quantize import maybe_compile
+
+    require_test_split(data, str(path or name))
+    runnable = maybe_compile(model, compile)
+    log.info("Measuring stage %s (compile=%s) on %d test texts", name, compile, len(data.test))
+    row = measure(
+        runnable,
+        tokenizer,
+        data.test.texts,
+        data.test.labels,
+        settings,
+        path=path,
+        num_labels=len(data.label_names),
+    )
+    row.update(
+        {"stage": name, "input": input_stage, "compile": bool(compile), "path": str(path) if path else None}
+    )
+    return row
+
+
+def speed_warnings(rows: list[dict]) -> list[str]:
+    """A message for each stage that is slower (batch-16 tokens/s) than the stage it compresses."""
+    by_name = {r["stage"]: r for r in rows}
+    found = []
+    for row in rows:
+        source = by_name.get(row.get("input"))
+        if source is None:
+            continue
+        row["speedup"] = row[SPEED_KEY] / source[SPEED_KEY]
+        if row[SPEED_KEY] < source[SPEED_KEY]:
+            found.append(
+                f"Stage {row['stage']!r} is slower than its input {source['stage']!r}: "
+                f"{row[SPEED_KEY]:,.0f} vs {source[SPEED_KEY]:,.0f} tokens/s at batch 16 "
+                f"({row['speedup']:.2f}x)."
+            )
+    return found
+
+
+def environment() -> dict:
+    return {
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+    }
+
+
+def write_report(
+    rows: list[dict], out: Path, cfg: DictConfig | None = None, require_speedup: bool = False
+) -> dict:
+    """Write report.json, report.md, pareto.png and TensorBoard entries; then apply the speed gate."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    found = speed_warnings(rows)
+    report = {"environment": environment(), "speed_key": SPEED_KEY, "stages": rows, "warnings": found}
+    if cfg is not None and cfg.get("runtime") is not None:
+        report["runtime"] = OmegaConf.to_container(cfg.runtime, resolve=True)
+    write_json(out / "report.json", report)
+    (out / "report.md").write_text(markdown(report))
+    pareto_plot(rows, out / "pareto.png")
+    to_tensorboard(report, out / "tensorboard" / "report")
+    for message in found:
+        warnings.warn(message, stacklevel=2)
+        log.warning(message)
+    print(f"Stage report:    {out / 'report.md'}  (also report.json, pareto.png)", flush=True)
+    if found and require_speedup:
+        raise SpeedGateError(
+            " ".join(found) + f" Report: {out / 'report.md'}. "
+            "Set quantize.require_speedup=false to allow it, or try quantize.compile=true."
+        )
+    return report
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [
+        "# Compression report\n",
+        f"{env['cpu']}, {env['threads']} torch threads, torch {env['torch']}. "
+        f"Speed is real (non-pad) tokens/s on the test texts; speedup uses `{report['speed_key']}`.\n",
+        "| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for row in report["stages"]:
+        cells = []
+        for key, _, fmt in COLUMNS:
+            value = row.get(key)
+            cells.append("—" if value is None else fmt.format(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    if report["warnings"]:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for row in rows:
+        ax.scatter(row[SPEED_KEY], row["acc"] * 100, s=40)
+        ax.annotate(
+            row["stage"],
+            (row[SPEED_KEY], row["acc"] * 100),
+            textcoords="offset points",
+            xytext=(5, 5),
+            fontsize=9,
+        )
+    ax.set_xlabel("throughput, tokens/s at batch 16 (test texts)")
+    ax.set_ylabel("test accuracy, %")
+    ax.set_title("Accuracy against throughput, one point per stage")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def to_tensorboard(report: dict, logdir: Path) -> None:
+    """One hparams entry per stage (stage, input, threads -> the measurements) and the table as text."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(logdir)) as writer:
+        writer.add_text("report", markdown(report))
+        for row in report["stages"]:
+            hparams = {
+                "stage": row["stage"],
+                "input": str(row.get("input")),
+                "compile": bool(row.get("compile")),
+                "threads": int(row["threads"]),
+            }
+            metrics = {
+                f"report/{k}": float(v)
+                for k, v in row.items()
+                if isinstance(v, float) and k not in ("threads",)
+            }
+            writer.add_hparams(hparams, metrics, run_name=row["stage"].replace("+", "_"))
+
+
+def stage_dirs(run_dir: Path) -> list[tuple[str, Path, str | None, bool]]:
+    """(stage, folder, input stage, compile) for every exported stage in a run directory, in chain order."""
+    from llm_lightning.quantize import META_FILE
+
+    found = []
+    if (run_dir / "model" / "config.json").exists():
+        found.append(("fp32", run_dir / "model", None, False))
+    if (run_dir / "quantized" / META_FILE).exists():
+        meta = json.loads((run_dir / "quantized" / META_FILE).read_text())
+        name = meta["method"] + ("+compile" if meta.get("compile") else "")
+        found.append((name, run_dir / "quantized", "fp32" if found else None, bool(meta.get("compile"))))
+    return found
+
+
+def report_for_run(run_dir: Path, cfg: DictConfig | None = None, require_speedup: bool = False) -> dict:
+    """Load every stage a run exported, measure each on the run's test split, write the report there."""
+    from llm_lightning.data import load_task
+    from llm_lightning.models.saved import load_saved
+
+    run_dir = Path(run_dir)
+    config_file = run_dir / ".hydra" / "config.yaml"
+    if cfg is None:
+        if not config_file.exists():
+            raise FileNotFoundError(f"No {config_file}: the report reads the run's task and seed from it.")
+        cfg = OmegaConf.load(config_file)
+    stages = stage_dirs(run_dir)
+    if not stages:
+        raise FileNotFoundError(f"{run_dir} has no exported stage (model/ or quantized/) to report on.")
+    data = load_task(cfg.task, cfg.seed)
+    require_test_split(data, str(run_dir))
+    settings = bench_settings(cfg)
+    rows = []
+    for name, path, source, compile in stages:
+        model, tokenizer, _ = load_saved(path)
+        rows.append(measure_stage(name, model, tokenizer, data, cfg, path, settings, compile, source))
+        del model
+    return write_report(rows, run_dir, cfg, require_speedup)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m llm_lightning.stages",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_dir", type=Path, help="a run directory (with .hydra/config.yaml and model/)")
+    parser.add_argument(
+        "--require-speedup", action="store_true", help="fail if a stage is slower than its input"
+    )
+    args = parser.parse_args(argv)
+    try:
+        report_for_run(args.run_dir, require_speedup=args.require_speedup)
+    except (NoTestSplitError, SpeedGateError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
