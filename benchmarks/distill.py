@@ -10,7 +10,7 @@
 
 Accuracy comes from each run's metrics.json (the teacher's from the KD run's `teacher/test/acc`,
 computed by the callback on the same test split). Throughput is measured here: forward only,
-fp32 eager, batch 16, the first `--texts` test texts in split order (real length mix), real
+fp32, eager attention, batch 16, the first `--texts` test texts in split order (real length mix), real
 (non-pad) tokens per second, models interleaved over `--rounds` rounds, median reported.
 
 The KD cost: `--steps` training steps of the 15-layer student on the same batches, alternating a
@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="training steps per variant for the KD cost")
     parser.add_argument("--cache-dir", default=None, help="distill.cache.dir of the KD run, if not the default")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--attn", default="eager", help="attention kernel for all three models")
     parser.add_argument("--limit", type=int, default=None, help="task.limit of the runs (wiring checks only)")
     args = parser.parse_args()
     if args.threads:
@@ -134,6 +135,8 @@ def main() -> None:
     teacher = load_saved(args.teacher)
     students = {name: load_saved(Path(d) / "model")[0] for name, d in (("kd", args.kd), ("no_kd", args.no_kd))}
     models = {"teacher": teacher[0], **students}
+    for model in models.values():  # as conf/model/smollm2_135m.yaml: eager is faster on CPU for short texts
+        model.set_attn_implementation(args.attn)
     texts = load_task(task_config(args.limit), seed=42).test.texts[: args.texts]
     tps = throughput(models, teacher[1], texts, 16, args.rounds)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}

@@ -116,6 +116,7 @@ def test_build_student_records_the_kept_layers_in_the_config(teacher_dir, tmp_pa
     cfg = make_cfg(tmp_path, ["distill=kd", f"distill.teacher={teacher_dir}", "distill.student.num_layers=2"])
     student, tok = build_student(cfg, LABELS)
     assert cfg.distill.student.keep_layers == [0, 2] and len(student.model.layers) == 2
+    assert student.config._attn_implementation == cfg.model.attn_implementation == "eager"
     teacher, _ = load_teacher(str(teacher_dir), LABELS)
     assert cfg.distill.teacher_sha256 == weights_sha256(teacher)
 

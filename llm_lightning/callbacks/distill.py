@@ -52,6 +52,7 @@ def distillation_callbacks(cfg: DictConfig) -> list[Callback]:
         fill_batch_size=d.cache.get("batch_size") or cfg.eval_batch_size,
         teacher_sha256=d.get("teacher_sha256"),
         teacher_params=d.get("teacher_params"),
+        attn_implementation=cfg.model.get("attn_implementation"),
     )]
 
 
@@ -70,12 +71,15 @@ class KnowledgeDistillation(Callback):
         fill_batch_size: batch size of the one-off teacher pass.
         teacher_sha256: the teacher's weights hash if known (build_student records it), which
             spares loading the teacher when the cache is already full.
+        teacher_params: its parameter count, reported beside the student's.
+        attn_implementation: attention kernel for a saved teacher (eager is faster on CPU).
     """
 
     def __init__(self, teacher: Any, task: str, temperature: float = 2.0, alpha: float = 0.5,
                  temperature_schedule: dict | None = None, alpha_schedule: dict | None = None,
                  hidden_weight: float = 0.0, use_cache: bool = True, cache_dir: str | None = None,
-                 fill_batch_size: int = 32, teacher_sha256: str | None = None, teacher_params: int | None = None):
+                 fill_batch_size: int = 32, teacher_sha256: str | None = None, teacher_params: int | None = None,
+                 attn_implementation: str | None = None):
         problems = []
         if not temperature > 0:
             problems.append(f"distill.temperature must be > 0, got {temperature}")
@@ -98,7 +102,7 @@ class KnowledgeDistillation(Callback):
         self.teacher: torch.nn.Module | None = None  # only while filling, or for use_cache=False
         self.outputs: dict[str, dict[str, torch.Tensor]] = {}  # split -> cached teacher outputs
         self.cache_fill_seconds = 0.0
-        self.teacher_params = teacher_params
+        self.teacher_params, self.attn_implementation = teacher_params, attn_implementation
         self._module = None
         self._student_hidden: torch.Tensor | None = None
         self._hook = None
@@ -162,7 +166,7 @@ class KnowledgeDistillation(Callback):
     def _load_teacher(self, label_names: list[str]) -> None:
         from llm_lightning.models.student import load_teacher, weights_sha256
 
-        self.teacher, _ = load_teacher(self.teacher_spec, label_names)
+        self.teacher, _ = load_teacher(self.teacher_spec, label_names, self.attn_implementation)
         self.teacher_params = sum(p.numel() for p in self.teacher.parameters())
         sha = weights_sha256(self.teacher)
         if self.teacher_sha256 not in (None, sha):

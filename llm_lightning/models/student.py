@@ -19,13 +19,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from llm_lightning.models import load_classifier
 
 
-def load_teacher(spec, label_names: Sequence[str]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_teacher(spec, label_names: Sequence[str], attn_implementation: str | None = None
+                 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The teacher named by `distill.teacher`, frozen and in eval mode.
 
     Args:
         spec: a run's exported `model/` folder or a `.ckpt` inside a run directory (a string), or a
             model source mapping like `conf/model/*.yaml` (`{source: hf, name_or_path: ...}`).
         label_names: the task's labels; a saved teacher must have exactly these.
+        attn_implementation: for a saved teacher (a mapping names its own); eager is the fast
+            one on CPU for short texts, and a saved config does not keep it.
     """
     if isinstance(spec, (Mapping, DictConfig)):
         if "source" not in spec:
@@ -51,6 +54,8 @@ def load_teacher(spec, label_names: Sequence[str]) -> tuple[PreTrainedModel, Pre
                 f"distill.teacher={spec!r} was trained for another label set. Distil on the task the teacher "
                 "was trained for (config group `task=`), or set task.labels to the teacher's labels."
             )
+        if attn_implementation:
+            teacher.set_attn_implementation(attn_implementation)
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher, tokenizer
@@ -137,7 +142,8 @@ def build_student(cfg: DictConfig, label_names: Sequence[str]) -> tuple[PreTrain
     Records what it did in the config (`distill.student.keep_layers`, `distill.teacher_sha256`),
     so the run's saved config and TensorBoard hparams say which layers were kept.
     """
-    teacher, teacher_tok = load_teacher(cfg.distill.teacher, label_names)
+    # The student copies the teacher's config, so it gets the `model=` group's attention kernel.
+    teacher, teacher_tok = load_teacher(cfg.distill.teacher, label_names, cfg.model.get("attn_implementation"))
     student_cfg = cfg.distill.student
     with open_dict(cfg):
         cfg.distill.teacher_sha256 = weights_sha256(teacher)
