@@ -90,7 +90,10 @@ def build(cfg: DictConfig):
         group_by_length=cfg.group_by_length,
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
-    callbacks += finetune_callbacks(cfg.finetune) + stage_callbacks(cfg)
+    stages = stage_callbacks(cfg)
+    # Structured/depth pruning reshape the layer stack in `setup`: run them before freezing counts layers.
+    first = [c for c in stages if getattr(c, "reshapes_model", False)]
+    callbacks += first + finetune_callbacks(cfg.finetune) + [c for c in stages if c not in first]
     return module, datamodule, tokenizer, callbacks
 
 
