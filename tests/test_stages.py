@@ -1,0 +1,158 @@
+"""The benchmark and the per-stage report: columns, files, TensorBoard, the speed gate, bad input."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from llm_lightning.bench import BenchSettings, _percentile, measure
+from llm_lightning.data.tasks import Split, TaskData
+from llm_lightning.models import load_classifier
+from llm_lightning.stages import (
+    COLUMNS,
+    NoTestSplitError,
+    SpeedGateError,
+    measure_stage,
+    report_for_run,
+    write_report,
+)
+from tests.conftest import CONF
+
+QUICK = BenchSettings(batch_sizes=(16, 32), throughput_texts=32, latency_texts=4, repeats=1)
+MEASURED_KEYS = ("acc", "f1_macro", "latency_p50_ms", "latency_p95_ms", "tokens_per_s_b16", "texts_per_s_b16",
+                 "tokens_per_s_b32", "texts_per_s_b32", "peak_rss_mb", "size_mb", "params", "threads")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = load_classifier(OmegaConf.load(CONF / "model" / "tiny.yaml"), ["negative", "positive"])
+    return model.eval(), tokenizer
+
+
+@pytest.fixture
+def one_thread():
+    """Two threads on a loaded 2-core machine wait on each other at every op (timings jump 25x);
+    one thread keeps the comparison about the models."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def task_data(n_test: int = 40) -> TaskData:
+    texts = [("a great film " if i % 2 else "a dull one ") * (1 + i % 5) for i in range(n_test)]
+    split = Split(texts, [i % 2 for i in range(n_test)])
+    return TaskData(split, split, split, ["negative", "positive"])
+
+
+class Slowed(nn.Module):
+    """A "compressed" model that gives the same answers, then waits 3x as long as it worked plus
+    0.2 s: clearly slower even when other jobs make this shared machine's timings jump."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def forward(self, **kwargs):
+        started = time.perf_counter()
+        out = self.inner(**kwargs)
+        time.sleep(0.2 + 3 * (time.perf_counter() - started))
+        return out
+
+
+def row(stage: str, tokens_per_s: float, source: str | None = None, acc: float = 0.8) -> dict:
+    values = dict.fromkeys(MEASURED_KEYS, 1.0) | {"acc": acc, "tokens_per_s_b16": tokens_per_s}
+    return values | {"stage": stage, "input": source, "compile": False, "path": None}
+
+
+def test_measure_returns_every_number(tiny, tmp_path, one_thread):
+    model, tokenizer = tiny
+    data = task_data()
+    measured = measure(model, tokenizer, data.test.texts, data.test.labels, QUICK, path=None)
+    for key in MEASURED_KEYS:
+        assert key in measured, key
+    assert measured["size_mb"] is None  # no folder given
+    assert measured["params"] == sum(p.numel() for p in model.parameters())
+    assert measured["threads"] == torch.get_num_threads()
+    assert 0 < measured["latency_p50_ms"] <= measured["latency_p95_ms"]
+    # texts/s and tokens/s come from the same timed passes: their ratio is the tokens per text.
+    rows = tokenizer(data.test.texts[:32])["input_ids"]
+    mean_tokens = sum(map(len, rows)) / len(rows)
+    assert measured["tokens_per_s_b16"] / measured["texts_per_s_b16"] == pytest.approx(mean_tokens)
+    with torch.inference_mode():
+        enc = tokenizer(data.test.texts, padding=True, return_tensors="pt")
+        preds = model(**enc).logits.argmax(-1)
+    assert measured["acc"] == pytest.approx((preds == torch.tensor(data.test.labels)).float().mean().item())
+
+
+def test_percentile_matches_numpy():
+    values = sorted([3.0, 1.0, 7.5, 2.0, 9.0, 4.0, 11.0])
+    for q in (50, 95):
+        assert _percentile(values, q) == pytest.approx(np.percentile(values, q))
+
+
+def test_bad_bench_settings_name_the_key():
+    with pytest.raises(ValueError, match=r"bench.repeats=0 must be >= 1.*config group `bench=`"):
+        BenchSettings(repeats=0)
+
+
+def test_report_files_have_every_stage_and_column(tmp_path):
+    rows = [row("fp32", 400.0), row("int8_dynamic+compile", 1600.0, "fp32", acc=0.79)]
+    cfg = OmegaConf.create({"runtime": {"threads": 2}})
+    write_report(rows, tmp_path, cfg)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["fp32", "int8_dynamic+compile"]
+    assert report["stages"][1]["speedup"] == pytest.approx(4.0) and report["warnings"] == []
+    assert report["runtime"] == {"threads": 2} and report["environment"]["threads"] == torch.get_num_threads()
+    table = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("|")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header == [h for _, h, _ in COLUMNS]
+    assert len(table) == 2 + len(rows)  # header, rule, one row per stage
+    assert table[3].startswith("| int8_dynamic+compile | fp32 | 0.7900 |") and "4.00x" in table[3]
+    assert (tmp_path / "pareto.png").stat().st_size > 5000
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "report"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert "report/text_summary" in events.Tags()["tensors"]
+    runs = {p.name for p in (tmp_path / "tensorboard" / "report").iterdir() if p.is_dir()}
+    assert runs == {"fp32", "int8_dynamic_compile"}  # one hparams run per stage
+
+
+def test_speed_gate_warns_or_fails_on_a_slower_compressed_stage(tmp_path):
+    rows = [row("fp32", 400.0), row("int8_weight_only", 300.0, "fp32")]
+    with pytest.warns(UserWarning, match=r"'int8_weight_only' is slower than its input 'fp32': 300 vs 400"):
+        write_report(rows, tmp_path / "warn")
+    assert json.loads((tmp_path / "warn" / "report.json").read_text())["warnings"]
+    assert "## Warnings" in (tmp_path / "warn" / "report.md").read_text()
+    with pytest.raises(SpeedGateError, match="quantize.require_speedup=false"):
+        write_report(rows, tmp_path / "gate", require_speedup=True)
+    assert (tmp_path / "gate" / "report.json").exists()  # written before failing, to see why
+
+
+def test_speed_gate_trips_on_a_measured_slower_model(tiny, tmp_path, one_thread):
+    model, tokenizer = tiny
+    data, cfg = task_data(), OmegaConf.create({})
+    rows = [measure_stage("fp32", model, tokenizer, data, cfg, None, QUICK),
+            measure_stage("slowed", Slowed(model), tokenizer, data, cfg, None, QUICK, input_stage="fp32")]
+    assert rows[1]["acc"] == rows[0]["acc"]  # same answers, only slower
+    with pytest.raises(SpeedGateError, match="'slowed' is slower than its input 'fp32'"):
+        write_report(rows, tmp_path, require_speedup=True)
+
+
+def test_report_needs_a_test_split(tiny, tmp_path):
+    model, tokenizer = tiny
+    data = task_data()
+    data.test = Split([], [])
+    with pytest.raises(NoTestSplitError, match=r"needs the task's test split.*task.split=.*task.test_path"):
+        measure_stage("fp32", model, tokenizer, data, OmegaConf.create({}), tmp_path, QUICK)
+
+
+def test_report_for_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"\.hydra/config.yaml"):
+        report_for_run(tmp_path)
