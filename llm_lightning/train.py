@@ -27,6 +27,7 @@ from llm_lightning.export import export_model, write_json
 from llm_lightning.models import load_classifier
 from llm_lightning.module import SequenceClassifier
 from llm_lightning.report import log_confusion_matrix, log_final_hparams, print_summary
+from llm_lightning.resume import resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 METHODS = ("full", "freeze", "gradual_unfreeze", "lora")
@@ -108,7 +109,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     _save_config(cfg, out)
 
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
     train_seconds = time.perf_counter() - started
     if trainer.interrupted:
         raise KeyboardInterrupt("Training was interrupted; resume with ckpt_path=last.")

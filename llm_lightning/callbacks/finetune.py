@@ -83,6 +83,15 @@ class GradualUnfreeze(LayerFreeze):
         super().load_state_dict(state_dict)
 
     @override
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # `setup` froze layers before the checkpoint said how many were unfrozen: unfreeze those again.
+        _, layers, _ = decoder_parts(pl_module.model)
+        self.make_trainable(list(layers)[len(layers) - self.unfrozen :])
+        super().on_fit_start(trainer, pl_module)  # on resume: puts back the unfrozen layers' param groups
+        for optimizer in trainer.optimizers:  # and one LR lambda per group, before the scheduler state loads
+            _extend_schedulers(trainer, optimizer)
+
+    @override
     def freeze_before_training(self, pl_module) -> None:
         embeddings, layers, _ = decoder_parts(pl_module.model)
         self._check(layers)

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from llm_lightning.data.tasks import Split, TaskData
+from llm_lightning.resume import ResumableLoader
 
 
 class TokenizedSplit(Dataset):
@@ -46,6 +47,7 @@ class LengthGroupedBatches(Sampler[list[int]]):
         self.lengths, self.batch_size, self.seed, self.window = lengths, batch_size, seed, window
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already trained)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -63,8 +65,18 @@ class LengthGroupedBatches(Sampler[list[int]]):
         usable = len(batches) - len(batches) % self.world_size if self.world_size > 1 else len(batches)
         return batches[self.rank : usable : self.world_size]
 
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Start the next pass over `epoch` after its first `batches_done` batches (exact resume)."""
+        self._resume = (epoch, batches_done)
+
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches())
+        batches = self.batches()
+        if self._resume is not None:
+            epoch, done = self._resume
+            self._resume = None
+            if epoch == self.epoch:
+                batches = batches[done:]
+        return iter(batches)
 
     def __len__(self) -> int:
         n = -(-len(self.lengths) // self.batch_size)
@@ -108,9 +120,16 @@ class ClassificationDataModule(L.LightningDataModule):
             for name in ("train", "val", "test"):
                 self.splits[name] = TokenizedSplit(getattr(self.data, name), self.tokenizer, self.max_length)
 
-    def _loader(self, split: TokenizedSplit, **kwargs) -> DataLoader:
-        return DataLoader(split, collate_fn=collate(self.tokenizer.pad_token_id),
+    def _loader(self, split: TokenizedSplit, loader_cls: type[DataLoader] = DataLoader, **kwargs) -> DataLoader:
+        return loader_cls(split, collate_fn=collate(self.tokenizer.pad_token_id),
                           num_workers=self.num_workers, **kwargs)
+
+    def _train_position(self) -> int:
+        """Batches of the current epoch the fit loop has taken; checkpoints keep it for exact resume."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer is not None else 0
+
+    def _train_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
         split = self.splits["train"]
@@ -121,7 +140,8 @@ class ClassificationDataModule(L.LightningDataModule):
                                                  rank=rank, world_size=world)
             if trainer is not None:
                 self._sampler.set_epoch(trainer.current_epoch)
-            return self._loader(split, batch_sampler=self._sampler)
+            return self._loader(split, ResumableLoader, batch_sampler=self._sampler, position=self._train_position,
+                                epoch=self._train_epoch)
         gen = torch.Generator().manual_seed(self.seed)
         return self._loader(split, batch_size=self.batch_size, shuffle=True, generator=gen, drop_last=False)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
+from llm_lightning.checkpoint_io import safe_load
 from llm_lightning.models import load_classifier, load_exported
 
 
@@ -29,7 +29,7 @@ def load_saved(path: str | Path):
 def _from_checkpoint(ckpt: Path):
     run_cfg = _run_config(ckpt)
     # weights_only: a checkpoint is data; no pickled code from it ever runs.
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = safe_load(ckpt)
     names = list(state["hyper_parameters"]["label_names"])
     if run_cfg.get("distill") and run_cfg.distill.method != "none":  # a student: rebuilt as its run built it
         from llm_lightning.models.student import build_student
