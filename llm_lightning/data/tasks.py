@@ -166,7 +166,7 @@ def _hf_dataset(cfg, seed: int) -> TaskData:
         import datasets
     except ImportError as e:
         raise TaskDataError("task=hf_dataset needs the `datasets` package: pip install 'llm_lightning[hf]'.") from e
-    ds = datasets.load_dataset(cfg.path, cfg.get("name"))
+    ds = datasets.load_dataset(cfg.path, cfg.get("config_name"))
     train_rows = ds[cfg.train_split]
     feature = train_rows.features.get(cfg.label_column)
     if cfg.get("labels"):

@@ -1,0 +1,136 @@
+"""Training throughput: a plain PyTorch loop against the LightningModule through `Trainer`,
+fp32 against bf16-mixed, and top-4-layer freezing against full fine-tuning.
+
+    python benchmarks/train_throughput.py                 # SmolLM2-135M, Rotten Tomatoes batches
+    python benchmarks/train_throughput.py --model tiny    # wiring check in seconds
+
+Every variant runs the same batches (length-grouped, batch 16) with the same model, AdamW
+(fused), gradient clipping at 1.0. Variants are interleaved over rounds so that machine noise
+hits them alike; the table shows medians of per-step times, steady state (warm-up steps dropped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from llm_lightning.callbacks.finetune import LayerFreeze
+from llm_lightning.data import ClassificationDataModule, load_task
+from llm_lightning.models import load_classifier
+from llm_lightning.module import SequenceClassifier
+
+TINY = dict(source="tiny", hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+            init_seed=0, attn_implementation="eager")
+SMOLLM2 = dict(source="smollm2", attn_implementation="eager")
+
+
+class StepTimer(Callback):
+    def __init__(self):
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.times.append(time.perf_counter() - self._t)
+        self.tokens.append(int(batch["attention_mask"].sum()))
+
+
+def freeze(model, trainable_layers: int | None) -> None:
+    module = SequenceClassifier(model, ["n", "p"], {"lr": 1e-5, "weight_decay": 0.0}, {"name": "linear"})
+    LayerFreeze(trainable_layers, freeze_embeddings=True).freeze_before_training(module)
+
+
+def plain_loop(model, batches, precision: str) -> tuple[list[float], list[int]]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    times, tokens = [], []
+    model.train()
+    for batch in batches:
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+        tokens.append(int(batch["attention_mask"].sum()))
+    return times, tokens
+
+
+def lightning_loop(model, batches, precision: str) -> tuple[list[float], list[int]]:
+    module = SequenceClassifier(model, ["n", "p"], {"lr": 1e-5, "weight_decay": 0.0, "fused": True},
+                                {"name": "constant_with_warmup", "warmup_ratio": 0.0})
+    timer = StepTimer()
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=len(batches),
+                        gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+                        limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    return timer.times, timer.tokens
+
+
+def rate(times: list[float], tokens: list[int], skip: int) -> tuple[float, float]:
+    t, n = times[skip:], tokens[skip:]
+    return statistics.median(t), sum(n) / sum(t)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    L.seed_everything(0)
+    task = OmegaConf.load("conf/task/sentiment.yaml")
+    data = load_task(task, seed=42)
+    model, tok = load_classifier(OmegaConf.create(SMOLLM2 if args.model == "smollm2" else TINY), data.label_names)
+    dm = ClassificationDataModule(data, tok, 128, 16, 32, seed=0)
+    dm.setup()
+    skip = 2
+    batches = [b for _, b in zip(range(args.steps + skip), dm.train_dataloader(), strict=False)]
+    n_layers = model.config.num_hidden_layers
+    variants = {
+        "plain loop, bf16-mixed, full": ("plain", "bf16-mixed", None),
+        "Lightning, bf16-mixed, full": ("lightning", "bf16-mixed", None),
+        "Lightning, 32, full": ("lightning", "32", None),
+        f"Lightning, bf16-mixed, freeze (top 4 of {n_layers})": ("lightning", "bf16-mixed", 4),
+    }
+    results: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
+    for r in range(args.rounds):
+        for name, (loop, precision, trainable) in variants.items():
+            m = copy.deepcopy(model)
+            freeze(m, trainable)
+            fn = plain_loop if loop == "plain" else lightning_loop
+            results[name].append(rate(*fn(m, batches, precision), skip))
+            print(f"round {r + 1}/{args.rounds} {name}: {results[name][-1][1]:.0f} tok/s", flush=True)
+            del m
+    print(f"\nmodel={args.model} threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"batch=16 steps={args.steps}x{args.rounds} "
+          f"real tokens/step={statistics.mean(int(b['attention_mask'].sum()) for b in batches[skip:]):.0f}")
+    base = statistics.median(x[1] for x in results["plain loop, bf16-mixed, full"])
+    full_step = statistics.median(x[0] for x in results["Lightning, bf16-mixed, full"])
+    print("| variant | s/step (median) | tokens/s (median) | vs plain bf16 | step vs Lightning full |")
+    print("|---|---|---|---|---|")
+    for name, runs in results.items():
+        step = statistics.median(x[0] for x in runs)
+        tps = statistics.median(x[1] for x in runs)
+        print(f"| {name} | {step:.3f} | {tps:.0f} | {tps / base:.3f} | {step / full_step:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
