@@ -41,6 +41,7 @@ COLUMNS = (
     ("latency_p50_ms", "p50 ms b1", "{:.1f}"),
     ("latency_p95_ms", "p95 ms b1", "{:.1f}"),
     ("speedup", "speedup vs input", "{:.2f}x"),
+    ("speedup_vs_first", "vs first stage", "{:.2f}x"),
     ("params", "params", "{:,.0f}"),
     ("size_mb", "disk MB", "{:.1f}"),
     ("peak_rss_mb", "peak RSS MB", "{:,.0f}"),
@@ -84,8 +85,13 @@ def measure_stage(
     settings: BenchSettings,
     compile: bool = False,
     input_stage: str | None = None,
+    compressed: bool = True,
 ) -> dict:
-    """One report row: the bench measurements of `model` on the test split, plus what the stage is."""
+    """One report row: the bench measurements of `model` on the test split, plus what the stage is.
+
+    `compressed`: the stage claims to make its input smaller or faster (pruning, quantization), so
+    the speed gate applies; a stage that only retrains (distillation into the same shape) does not.
+    """
     from llm_lightning.quantize import maybe_compile
 
     require_test_split(data, str(path or name))
@@ -101,21 +107,29 @@ def measure_stage(
         num_labels=len(data.label_names),
     )
     row.update(
-        {"stage": name, "input": input_stage, "compile": bool(compile), "path": str(path) if path else None}
+        {
+            "stage": name,
+            "input": input_stage,
+            "compressed": bool(compressed and input_stage),
+            "compile": bool(compile),
+            "path": str(path) if path else None,
+        }
     )
     return row
 
 
 def speed_warnings(rows: list[dict]) -> list[str]:
-    """A message for each stage that is slower (batch-16 tokens/s) than the stage it compresses."""
+    """A message for each compressed stage slower (batch-16 tokens/s) than its input; also sets
+    each row's `speedup` (against its input) and `speedup_vs_first` (against the first stage)."""
     by_name = {r["stage"]: r for r in rows}
     found = []
     for row in rows:
+        row["speedup_vs_first"] = row[SPEED_KEY] / rows[0][SPEED_KEY]
         source = by_name.get(row.get("input"))
         if source is None:
             continue
         row["speedup"] = row[SPEED_KEY] / source[SPEED_KEY]
-        if row[SPEED_KEY] < source[SPEED_KEY]:
+        if row.get("compressed", True) and row[SPEED_KEY] < source[SPEED_KEY]:
             found.append(
                 f"Stage {row['stage']!r} is slower than its input {source['stage']!r}: "
                 f"{row[SPEED_KEY]:,.0f} vs {source[SPEED_KEY]:,.0f} tokens/s at batch 16 "

@@ -1,0 +1,142 @@
+"""Quantization variants of one exported classifier, measured the same way (llm_lightning.bench).
+
+    flock /tmp/heavy.lock python benchmarks/quantize.py --model outputs/sentiment/<run>/model
+    python benchmarks/quantize.py --model <dir> --variants fp32,int8_dynamic --texts 64   # quicker
+
+Variants: fp32 eager, fp32 + torch.compile, torchao int8 dynamic (eager and compiled), torchao
+int8 weight-only, and the deprecated torch.ao.quantization.quantize_dynamic as a comparison only.
+It also measures this CPU's matrix-multiply rates (2048^3 `torch.mm` in fp32, `torch._int_mm` in
+int8) and prints each variant's throughput as a fraction of the ceiling they allow: the rate
+divided by 2 x (parameters in linear layers) operations per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llm_lightning.bench import BenchSettings, cpu_name, measure, size_on_disk_mb  # noqa: E402
+from llm_lightning.data import load_task  # noqa: E402
+from llm_lightning.models.saved import load_saved  # noqa: E402
+from llm_lightning.quantize import maybe_compile, quantize_model, save_quantized  # noqa: E402
+
+VARIANTS = ("fp32", "fp32+compile", "int8_dynamic", "int8_dynamic+compile", "int8_weight_only", "torch.ao_dynamic")
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Operations per second of one n x n x n matrix multiply (median of `repeats`)."""
+    if dtype == torch.int8:
+        a = torch.randint(-128, 127, (n, n), dtype=torch.int8)
+        b = torch.randint(-128, 127, (n, n), dtype=torch.int8)
+        mm = torch._int_mm
+    else:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        mm = torch.mm
+    mm(a, b)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        mm(a, b)
+        times.append(time.perf_counter() - started)
+    return 2 * n**3 / statistics.median(times)
+
+
+def linear_params(model: nn.Module) -> int:
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def build(variant: str, model_dir: Path, work: Path):
+    """(model to measure, folder for its size on disk, linear parameters) for one variant."""
+    model, tokenizer, _ = load_saved(model_dir)
+    model.eval()
+    n_linear = linear_params(model)
+    if variant.startswith("fp32"):
+        return maybe_compile(model, variant.endswith("+compile")), model_dir, tokenizer, n_linear
+    if variant == "torch.ao_dynamic":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated: measured here only as the comparison
+            quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        folder = work / variant
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(quantized.state_dict(), folder / "weights.pt")
+        return quantized, folder, tokenizer, n_linear
+    method = variant.removesuffix("+compile")
+    quantized = quantize_model(model, method)
+    folder = save_quantized(quantized, tokenizer, work / variant, method)
+    return maybe_compile(quantized, variant.endswith("+compile")), folder, tokenizer, n_linear
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="an exported model/ folder")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--texts", type=int, default=128, help="test texts per throughput pass")
+    parser.add_argument("--latency-texts", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=42, help="the training run's seed: the same test split")
+    parser.add_argument("--test-limit", type=int, help="only the first N test texts (a speed-only run)")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown --variants {unknown}; choose from {VARIANTS}")
+    torch.set_num_threads(args.threads)
+    task = OmegaConf.load(ROOT / "conf" / "task" / "sentiment.yaml")
+    test = load_task(task, args.seed).test
+    if args.test_limit:
+        test.texts, test.labels = test.texts[: args.test_limit], test.labels[: args.test_limit]
+    settings = BenchSettings(throughput_texts=args.texts, latency_texts=args.latency_texts, repeats=args.repeats,
+                             max_length=task.max_length)
+    rates = {"fp32": matmul_rate(torch.float32), "int8": matmul_rate(torch.int8)}
+    print(f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}; {len(test)} test texts", flush=True)
+    print(f"2048^3 matmul: fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, int8 _int_mm {rates['int8'] / 1e9:.0f} GOP/s",
+          flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in variants:
+            started = time.perf_counter()
+            model, folder, tokenizer, n_linear = build(variant, args.model, Path(tmp))
+            row = measure(model, tokenizer, test.texts, test.labels, settings, path=folder)
+            ceiling = rates["int8" if variant.startswith(("int8_dynamic", "torch.ao")) else "fp32"] / (2 * n_linear)
+            row.update({"variant": variant, "ceiling_tokens_per_s": ceiling,
+                        "of_ceiling": row["tokens_per_s_b16"] / ceiling, "seconds": time.perf_counter() - started,
+                        "size_mb": size_on_disk_mb(folder)})
+            rows.append(row)
+            print(f"  {variant}: {row['tokens_per_s_b16']:,.0f} tok/s b16, acc {row['acc']:.4f} "
+                  f"({row['seconds']:.0f} s)", flush=True)
+            del model
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps({"rates": rates, "rows": rows}, indent=2) + "\n")
+
+
+def print_table(rows: list[dict]) -> None:
+    base = next((r for r in rows if r["variant"] == "fp32"), None)
+    print("\n| variant | tok/s b16 | texts/s b16 | tok/s b32 | p50 ms b1 | p95 ms b1 | vs fp32 | test acc | "
+          "macro-F1 | disk MB | peak RSS MB | of int8/fp32 ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['tokens_per_s_b16'] / base['tokens_per_s_b16']:.2f}x" if base else "—"
+        print(f"| {r['variant']} | {r['tokens_per_s_b16']:,.0f} | {r['texts_per_s_b16']:,.1f} | "
+              f"{r['tokens_per_s_b32']:,.0f} | {r['latency_p50_ms']:.1f} | {r['latency_p95_ms']:.1f} | {ratio} | "
+              f"{r['acc']:.4f} | {r['f1_macro']:.4f} | {r['size_mb']:.1f} | {r['peak_rss_mb']:,.0f} | "
+              f"{r['of_ceiling']:.0%} of {r['ceiling_tokens_per_s']:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
