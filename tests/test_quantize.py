@@ -92,11 +92,14 @@ def test_int4_on_cpu_fails_early_saying_what_to_use_instead(tiny):
         check_platform("int4_weight_only", "cpu")
 
 
-def test_compile_flag_wraps_in_torch_compile(tiny):
-    model = tiny[0]
-    assert maybe_compile(model, False) is model
-    compiled = maybe_compile(model, True)
-    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is model
+def test_compile_flag_compiles_each_decoder_layer(tiny):
+    model = copy.deepcopy(tiny[0])
+    assert maybe_compile(model, False) is model and model.model.layers[0]._compiled_call_impl is None
+    assert maybe_compile(model, True) is model  # in place: saving and loading see the same module tree
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    assert model.score._compiled_call_impl is None
+    whole = maybe_compile(nn.Sequential(nn.Linear(4, 4)), True)
+    assert isinstance(whole, torch._dynamo.eval_frame.OptimizedModule)
 
 
 def test_every_choice_has_a_config_with_the_same_keys():
