@@ -106,6 +106,11 @@ class SequenceClassifier(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.confusion.reset()
 
+    def on_test_epoch_end(self) -> None:
+        # compute() is a collective under DDP, so every rank calls it here; rank 0's plot
+        # (report.log_confusion_matrix, rank-zero only) then reads the cached result.
+        self.confusion.compute()
+
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 

@@ -161,7 +161,10 @@ def _finish(cfg, trainer, module, tokenizer, metrics: dict, out: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics, _ = train(cfg)
+    from llm_lightning.distributed import shared_config, use_child_command
+
+    use_child_command()  # DDP ranks rerun this job's overrides in its directory, never the whole sweep
+    metrics, _ = train(shared_config(cfg))  # one resolved config (run dir, ${now:}) for every rank
     # Returned for Hydra sweepers (Optuna) to optimise.
     return metrics.get(cfg.get("optimized_metric", "val/acc_best"))
 

@@ -39,7 +39,9 @@ class LengthGroupedBatches(Sampler[list[int]]):
     """Shuffled batches of similar-length texts: shuffle, cut into windows of `window` batches,
     sort each window by length, batch it, and shuffle the batches. Seeded per epoch.
 
-    Under DDP each rank takes every `world_size`-th batch, so ranks never share an example.
+    Under DDP the batches are built at the global size (`batch_size` x `world_size`) and each
+    rank takes every `world_size`-th example of each: the ranks never share an example, and one
+    step trains on the same examples as a single process with the global batch would.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, window: int = 50,
@@ -56,14 +58,16 @@ class LengthGroupedBatches(Sampler[list[int]]):
         rng = random.Random(self.seed + self.epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
-        span = self.batch_size * self.window
+        size = self.batch_size * self.world_size  # the global batch
+        span = size * self.window
         batches = []
         for start in range(0, len(order), span):
             chunk = sorted(order[start : start + span], key=self.lengths.__getitem__)
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
         rng.shuffle(batches)
-        usable = len(batches) - len(batches) % self.world_size if self.world_size > 1 else len(batches)
-        return batches[self.rank : usable : self.world_size]
+        # A last batch smaller than the world would leave a rank without examples: DDP needs every
+        # rank to take the same number of steps, so it is dropped.
+        return [b[self.rank :: self.world_size] for b in batches if len(b) >= self.world_size]
 
     def resume_at(self, epoch: int, batches_done: int) -> None:
         """Start the next pass over `epoch` after its first `batches_done` batches (exact resume)."""
@@ -79,8 +83,9 @@ class LengthGroupedBatches(Sampler[list[int]]):
         return iter(batches)
 
     def __len__(self) -> int:
-        n = -(-len(self.lengths) // self.batch_size)
-        return n // self.world_size if self.world_size > 1 else n
+        size = self.batch_size * self.world_size
+        n, rest = -(-len(self.lengths) // size), len(self.lengths) % size
+        return n - 1 if 0 < rest < self.world_size else n
 
 
 def collate(pad_id: int):
@@ -146,9 +151,15 @@ class ClassificationDataModule(L.LightningDataModule):
         return self._loader(split, batch_size=self.batch_size, shuffle=True, generator=gen, drop_last=False)
 
     def eval_loader(self, name: str) -> DataLoader:
-        """Evaluation batches sorted by length (order does not change the metrics, padding does)."""
+        """Evaluation batches sorted by length (order does not change the metrics, padding does).
+
+        Under DDP each rank evaluates every `world_size`-th example (the metrics sync across ranks).
+        """
         split = self.splits[name]
         order = sorted(range(len(split)), key=split.lengths().__getitem__)
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            order = order[trainer.global_rank :: trainer.world_size]
         batches = [order[i : i + self.eval_batch_size] for i in range(0, len(order), self.eval_batch_size)]
         return self._loader(split, batch_sampler=batches)
 
