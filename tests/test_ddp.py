@@ -86,3 +86,21 @@ def test_ranks_use_the_launchers_resolved_config(monkeypatch):
     rank1 = distributed.shared_config(cfg)
     assert rank1.output_dir == "/runs/12-00-00"
     assert OmegaConf.to_container(rank1) == OmegaConf.to_container(launcher)
+
+
+def test_ungrouped_batches_are_sharded_across_ranks(tmp_path):
+    from types import SimpleNamespace
+
+    from llm_lightning.data import ClassificationDataModule, load_task
+    from llm_lightning.models import load_classifier
+
+    cfg = make_cfg(tmp_path, ["group_by_length=false"])
+    data = load_task(cfg.task, cfg.seed)
+    _, tokenizer = load_classifier(cfg.model, data.label_names)
+    seen = []
+    for rank in (0, 1):
+        dm = ClassificationDataModule(data, tokenizer, 64, 4, 8, cfg.seed, group_by_length=False)
+        dm.setup()
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, current_epoch=0)
+        seen.append([i for b in dm.train_dataloader() for i in b["index"].tolist()])
+    assert len(seen[0]) == len(seen[1]) == 16 and not set(seen[0]) & set(seen[1])

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from llm_lightning.data.tasks import Split, TaskData
 from llm_lightning.resume import ResumableLoader
@@ -147,6 +147,9 @@ class ClassificationDataModule(L.LightningDataModule):
                 self._sampler.set_epoch(trainer.current_epoch)
             return self._loader(split, ResumableLoader, batch_sampler=self._sampler, position=self._train_position,
                                 epoch=self._train_epoch)
+        if world > 1:  # trainer.use_distributed_sampler is off (for the grouped sampler): shard here
+            sampler = DistributedSampler(split, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+            return self._loader(split, batch_size=self.batch_size, sampler=sampler)
         gen = torch.Generator().manual_seed(self.seed)
         return self._loader(split, batch_size=self.batch_size, shuffle=True, generator=gen, drop_last=False)
 
