@@ -138,5 +138,5 @@ def test_sigkilled_run_resumes_to_the_same_weights_and_metrics(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
-    steps = json.loads((killed / "metrics.json").read_text())
-    assert steps["test/acc"] == resumed["test/acc"]
+    written = json.loads((killed / "metrics.json").read_text())  # the resumed run finished the job
+    assert written["test/acc"] == resumed["test/acc"]

@@ -52,7 +52,8 @@ def test_grid_sweep_runs_each_job_in_its_own_dir_and_summarises(grid_sweep):
 
 def test_optuna_sweep_maximises_the_returned_metric(tmp_path):
     done = run_module("llm_lightning.train", "hparams_search=sentiment_optuna", *QUICK, "test=false",
-                      "task.limit=8", "trainer.max_steps=1", "trainer.val_check_interval=1", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+                      "task.limit=8", "trainer.max_steps=1", "trainer.val_check_interval=1",
+                      "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
                       f"hydra.sweep.dir={tmp_path}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     best = OmegaConf.load(tmp_path / "optimization_results.yaml")
