@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="only the plain loop against Lightning (bf16-mixed, full), more rounds")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,11 +111,20 @@ def main() -> None:
         "Lightning, bf16-mixed, full": ("lightning", "bf16-mixed", None),
         "Lightning, 32, full": ("lightning", "32", None),
         f"Lightning, bf16-mixed, freeze (top 4 of {n_layers})": ("lightning", "bf16-mixed", 4),
+        "Lightning, bf16-mixed, full, SDPA attention": ("lightning", "bf16-mixed", "sdpa"),
     }
+    if args.overhead_only:
+        variants = dict(list(variants.items())[:2])
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
     for r in range(args.rounds):
-        for name, (loop, precision, trainable) in variants.items():
+        order = list(variants.items())
+        if r % 2:  # ABBA order: slow drifts of the machine hit every variant alike
+            order.reverse()
+        for name, (loop, precision, trainable) in order:
             m = copy.deepcopy(model)
+            if trainable == "sdpa":  # same weights, PyTorch's fused attention instead of eager
+                m.set_attn_implementation("sdpa")
+                trainable = None
             freeze(m, trainable)
             fn = plain_loop if loop == "plain" else lightning_loop
             results[name].append(rate(*fn(m, batches, precision), skip))
@@ -122,15 +133,18 @@ def main() -> None:
     print(f"\nmodel={args.model} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"batch=16 steps={args.steps}x{args.rounds} "
           f"real tokens/step={statistics.mean(int(b['attention_mask'].sum()) for b in batches[skip:]):.0f}")
-    base = statistics.median(x[1] for x in results["plain loop, bf16-mixed, full"])
-    full_step = statistics.median(x[0] for x in results["Lightning, bf16-mixed, full"])
-    print("| variant | s/step (median) | tokens/s (median) | vs plain bf16 | step vs Lightning full |")
+    plain = results["plain loop, bf16-mixed, full"]
+    full = results["Lightning, bf16-mixed, full"]
+    print("| variant | s/step (median) | tokens/s (median) | vs plain loop (median of per-round ratios) "
+          "| step time vs Lightning full (median of per-round ratios) |")
     print("|---|---|---|---|---|")
     for name, runs in results.items():
+        # Paired per-round ratios: both variants of a round saw the same machine state.
+        vs_plain = statistics.median(r[1] / p[1] for r, p in zip(runs, plain, strict=True))
+        vs_full = statistics.median(r[0] / f[0] for r, f in zip(runs, full, strict=True))
         step = statistics.median(x[0] for x in runs)
         tps = statistics.median(x[1] for x in runs)
-        print(f"| {name} | {step:.3f} | {tps:.0f} | {tps / base:.3f} | {step / full_step:.2f} |")
-
+        print(f"| {name} | {step:.3f} | {tps:.0f} | {vs_plain:.3f} | {vs_full:.2f} |")
 
 if __name__ == "__main__":
     main()
