@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
@@ -110,6 +111,12 @@ class SequenceClassifier(L.LightningModule):
         # compute() is a collective under DDP, so every rank calls it here; rank 0's plot
         # (report.log_confusion_matrix, rank-zero only) then reads the cached result.
         self.confusion.compute()
+
+    def on_train_start(self) -> None:
+        # After the fine-tuning callbacks froze what they freeze (they act in `setup`).
+        trainable, total = self.trainable_parameters(), sum(p.numel() for p in self.model.parameters())
+        rank_zero_info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.1f}%)")
+        self.log("train/trainable_params", float(trainable), rank_zero_only=True)
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
