@@ -124,6 +124,11 @@ def test_save_and_load_round_trip(tiny, tmp_path, method):
     torch.testing.assert_close(logits(loaded, tokenizer), logits(quantized, tokenizer), atol=1e-6, rtol=0)
 
 
+def test_quantize_run_refuses_none(tmp_path):
+    with pytest.raises(ValueError, match="leaves nothing to quantize.*int8_dynamic"):
+        quantize_run(make_cfg(tmp_path, ["quantize=none"]), tmp_path)
+
+
 def test_quantize_run_without_an_exported_model_says_how_to_get_one(tmp_path):
     cfg = make_cfg(tmp_path, ["quantize=int8_dynamic"])
     with pytest.raises(FileNotFoundError, match="export=true"):
