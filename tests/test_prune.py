@@ -104,8 +104,10 @@ def test_interrupted_structured_run_rebuilds_the_same_shapes(tmp_path):
 
 
 def test_depth_run_exports_kept_layers_and_trains_top_layers(tmp_path):
-    cfg = make_cfg(tmp_path, ["prune=depth", "prune.remove_layers=2", "prune.batches=2", "model.num_layers=4",
-                              "finetune=freeze", "finetune.trainable_layers=1", "callbacks=none", "test=false"])
+    # The recovery experiment (depth pruning, then fine-tuning the top layers), scaled to the tiny model.
+    cfg = make_cfg(tmp_path, ["experiment=prune_recover", "prune.remove_layers=2", "prune.batches=2",
+                              "model.num_layers=4", "finetune.trainable_layers=1", "callbacks=none", "test=false"])
+    assert (cfg.prune.method, cfg.finetune.method) == ("depth", "freeze")
     metrics, objects = train(cfg)
     model = objects["module"].model
     assert len(model.model.layers) == 2
