@@ -53,11 +53,33 @@ def flat_hparams(cfg) -> dict:
     return flat
 
 
-def log_final_hparams(logger: TensorBoardLogger, cfg, metrics: dict) -> None:
-    """hparams with the final metrics, so runs of a sweep compare in one HPARAMS table."""
+def log_final_hparams(logger: TensorBoardLogger, cfg, metrics: dict, step: int) -> None:
+    """hparams with the final metrics, so runs of a sweep compare in one HPARAMS table.
+
+    Lightning's `log_hyperparams(params, metrics)` writes the metrics again at step 0, which puts
+    a stray point at the start of every curve. Here, metrics not yet in TensorBoard (train time,
+    parameter counts) are written at the last step, and the HPARAMS plugin, which shows each
+    metric's latest value, gets the config alone.
+    """
+    from torch.utils.tensorboard.summary import hparams
+
     final = {k: v for k, v in metrics.items() if isinstance(v, float) and "/" in k}
-    logger.log_hyperparams(flat_hparams(cfg), metrics=final)
+    params = flat_hparams(cfg)
+    logger.log_metrics({k: v for k, v in final.items() if k not in _logged_tags(logger)}, step=step)
+    writer = logger.experiment._get_file_writer()  # as Lightning's own log_hyperparams does
+    for summary in hparams(params, {k: 0.0 for k in final}):  # values come from the scalars
+        writer.add_summary(summary)
+    logger.log_hyperparams(params)  # hparams.yaml beside the events
     logger.save()
+
+
+def _logged_tags(logger: TensorBoardLogger) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger.experiment.flush()
+    acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 1})
+    acc.Reload()
+    return set(acc.Tags().get("scalars", []))
 
 
 def print_summary(cfg, out: Path, metrics: dict) -> None:

@@ -155,7 +155,7 @@ def _finish(cfg, trainer, module, tokenizer, metrics: dict, out: Path) -> None:
     write_json(out / "metrics.json", metrics)
     for lg in trainer.loggers:
         if isinstance(lg, TensorBoardLogger):
-            log_final_hparams(lg, cfg, metrics)
+            log_final_hparams(lg, cfg, metrics, trainer.global_step)
     print_summary(cfg, out, metrics)
 
 

@@ -44,6 +44,9 @@ def test_tensorboard_has_scalars_hparams_and_confusion_matrix(tiny_run):
         assert tag in scalars, (tag, sorted(scalars))
     assert "test/confusion_matrix" in acc.Tags()["images"]
     assert len(acc.Scalars("train/loss_step")) == 4  # one per step of debug=smoke
+    # Final metrics sit at the last step, not at a stray step 0 at the start of every curve.
+    assert [e.step for e in acc.Scalars("test/acc")] == [4]
+    assert [e.step for e in acc.Scalars("val/acc")] == [1, 3]
 
 
 def test_exported_model_loads_with_plain_transformers(tiny_run):
