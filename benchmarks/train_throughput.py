@@ -81,6 +81,19 @@ def lightning_loop(model, batches, precision: str) -> tuple[list[float], list[in
     return timer.times, timer.tokens
 
 
+def padding_report(dm: ClassificationDataModule) -> None:
+    """Tokens one training epoch computes (padding included): random batches vs length-grouped."""
+    lengths = dm.splits["train"].lengths()
+    real = sum(lengths)
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    random_batches = [order[i : i + 16] for i in range(0, len(order), 16)]
+    grouped = dm.train_dataloader().batch_sampler.batches()
+    for name, batches in (("random batches", random_batches), ("length-grouped batches", grouped)):
+        padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+        print(f"{name}: {padded:,} tokens computed per epoch for {real:,} real tokens ({padded / real:.2f}x)")
+
+
 def rate(times: list[float], tokens: list[int], skip: int) -> tuple[float, float]:
     t, n = times[skip:], tokens[skip:]
     return statistics.median(t), sum(n) / sum(t)
@@ -92,6 +105,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--padding-only", action="store_true",
+                        help="only count the tokens one epoch computes, random vs length-grouped batches")
     parser.add_argument("--overhead-only", action="store_true",
                         help="only the plain loop against Lightning (bf16-mixed, full), more rounds")
     args = parser.parse_args()
@@ -103,6 +118,9 @@ def main() -> None:
     model, tok = load_classifier(OmegaConf.create(SMOLLM2 if args.model == "smollm2" else TINY), data.label_names)
     dm = ClassificationDataModule(data, tok, 128, 16, 32, seed=0)
     dm.setup()
+    padding_report(dm)
+    if args.padding_only:
+        return
     skip = 2
     batches = [b for _, b in zip(range(args.steps + skip), dm.train_dataloader(), strict=False)]
     n_layers = model.config.num_hidden_layers
