@@ -39,8 +39,10 @@ from llm_lightning.models.student import evenly_spaced, student_from_teacher, we
 
 def throughput(models: dict, tokenizer, texts: list[str], batch_size: int, rounds: int) -> dict[str, float]:
     """Median tokens/s per model, forward only, models interleaved each round."""
-    batches = [tokenizer(texts[i : i + batch_size], padding=True, return_tensors="pt")
-               for i in range(0, len(texts), batch_size)]
+    batches = [
+        tokenizer(texts[i : i + batch_size], padding=True, return_tensors="pt")
+        for i in range(0, len(texts), batch_size)
+    ]
     tokens = sum(int(b.attention_mask.sum()) for b in batches)
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
@@ -61,7 +63,9 @@ def task_config(limit: int | None):
     return cfg
 
 
-def kd_step_cost(teacher, cache_root: str | None, steps: int, num_layers: int, limit: int | None) -> dict[str, float]:
+def kd_step_cost(
+    teacher, cache_root: str | None, steps: int, num_layers: int, limit: int | None
+) -> dict[str, float]:
     """Median seconds per training step: plain CE against KD with the warm cache, same batches."""
     cfg = task_config(limit)
     data = load_task(cfg, seed=42)
@@ -69,12 +73,19 @@ def kd_step_cost(teacher, cache_root: str | None, steps: int, num_layers: int, l
     model = teacher[0]
     dm = ClassificationDataModule(data, tokenizer, cfg.max_length, 16, 32, seed=42)
     dm.setup()
-    cache = TeacherCache(Path(cache_root) if cache_root else _default_root(), weights_sha256(model), cfg.name,
-                         cfg.max_length, "bf16-mixed")
+    cache = TeacherCache(
+        Path(cache_root) if cache_root else _default_root(),
+        weights_sha256(model),
+        cfg.name,
+        cfg.max_length,
+        "bf16-mixed",
+    )
     entry = cache.load("train", dm.splits["train"].input_ids)
     if entry is None:
-        raise SystemExit(f"No warm cache at {cache.path('train', dm.splits['train'].input_ids)}: run the KD "
-                         "student first (it fills the cache), with the same distill.cache.dir.")
+        raise SystemExit(
+            f"No warm cache at {cache.path('train', dm.splits['train'].input_ids)}: run the KD "
+            "student first (it fills the cache), with the same distill.cache.dir."
+        )
     total = len(model.model.layers)  # the students kept evenly spaced layers (distill.student.num_layers)
     keep = evenly_spaced(total, num_layers)
     student = student_from_teacher(model, keep).train()
@@ -89,7 +100,9 @@ def kd_step_cost(teacher, cache_root: str | None, steps: int, num_layers: int, l
     def step(batch, with_kd: bool) -> float:
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            logits = student(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits.float()
         loss = F.cross_entropy(logits, batch["labels"])
         if with_kd:
             loss = kd.extra_losses(logits, batch, loss)["loss"]
@@ -102,7 +115,7 @@ def kd_step_cost(teacher, cache_root: str | None, steps: int, num_layers: int, l
     step(batches[0], False)  # warm-up
     step(batches[0], True)
     for i, batch in enumerate(batches):  # alternate the order so drift hits both alike
-        for with_kd in ((False, True) if i % 2 == 0 else (True, False)):
+        for with_kd in (False, True) if i % 2 == 0 else (True, False):
             times["kd" if with_kd else "plain"].append(step(batch, with_kd))
     plain, kd_s = statistics.median(times["plain"]), statistics.median(times["kd"])
     return {"plain_s_per_step": plain, "kd_s_per_step": kd_s, "ratio": kd_s / plain, "steps": len(batches)}
@@ -115,14 +128,18 @@ def _default_root() -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--teacher", required=True, help="the teacher's exported model/ folder")
     parser.add_argument("--kd", required=True, help="run dir of the student trained with KD")
     parser.add_argument("--no-kd", required=True, help="run dir of the same student trained with alpha=0")
     parser.add_argument("--texts", type=int, default=256, help="test texts per throughput pass")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8, help="training steps per variant for the KD cost")
-    parser.add_argument("--cache-dir", default=None, help="distill.cache.dir of the KD run, if not the default")
+    parser.add_argument(
+        "--cache-dir", default=None, help="distill.cache.dir of the KD run, if not the default"
+    )
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--attn", default="eager", help="attention kernel for all three models")
     parser.add_argument("--limit", type=int, default=None, help="task.limit of the runs (wiring checks only)")
@@ -130,33 +147,47 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    runs = {name: json.loads((Path(d) / "metrics.json").read_text()) for name, d in
-            (("kd", args.kd), ("no_kd", args.no_kd))}
+    runs = {
+        name: json.loads((Path(d) / "metrics.json").read_text())
+        for name, d in (("kd", args.kd), ("no_kd", args.no_kd))
+    }
     teacher = load_saved(args.teacher)
-    students = {name: load_saved(Path(d) / "model")[0] for name, d in (("kd", args.kd), ("no_kd", args.no_kd))}
+    students = {
+        name: load_saved(Path(d) / "model")[0] for name, d in (("kd", args.kd), ("no_kd", args.no_kd))
+    }
     models = {"teacher": teacher[0], **students}
     for model in models.values():  # as conf/model/smollm2_135m.yaml: eager is faster on CPU for short texts
         model.set_attn_implementation(args.attn)
     texts = load_task(task_config(args.limit), seed=42).test.texts[: args.texts]
     tps = throughput(models, teacher[1], texts, 16, args.rounds)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
-    acc = {"teacher": runs["kd"]["teacher/test/acc"], "kd": runs["kd"]["test/acc"], "no_kd": runs["no_kd"]["test/acc"]}
+    acc = {
+        "teacher": runs["kd"]["teacher/test/acc"],
+        "kd": runs["kd"]["test/acc"],
+        "no_kd": runs["no_kd"]["test/acc"],
+    }
     labels = {"teacher": "teacher", "kd": "student, KD", "no_kd": "student, no KD (alpha=0)"}
     layers = {name: len(m.model.layers) for name, m in models.items()}
 
     print("| model | layers | test accuracy | % of teacher | parameters | tokens/s, batch 16 | × teacher |")
     print("|---|---|---|---|---|---|---|")
     for name in models:
-        print(f"| {labels[name]} | {layers[name]} | {acc[name]:.4f} | {100 * acc[name] / acc['teacher']:.1f}% | "
-              f"{params[name] / 1e6:.1f}M | {tps[name]:.0f} | {tps[name] / tps['teacher']:.2f}× |")
+        print(
+            f"| {labels[name]} | {layers[name]} | {acc[name]:.4f} | {100 * acc[name] / acc['teacher']:.1f}% | "
+            f"{params[name] / 1e6:.1f}M | {tps[name]:.0f} | {tps[name] / tps['teacher']:.2f}× |"
+        )
     print()
     for name in ("kd", "no_kd"):
         r = runs[name]
-        print(f"{labels[name]}: train {r['train/seconds']:.0f} s (cache fill {r.get('distill/cache_fill_seconds', 0):.0f} s), "
-              f"train/tokens_per_s {r.get('train/tokens_per_s', float('nan')):.0f}")
+        print(
+            f"{labels[name]}: train {r['train/seconds']:.0f} s (cache fill {r.get('distill/cache_fill_seconds', 0):.0f} s), "
+            f"train/tokens_per_s {r.get('train/tokens_per_s', float('nan')):.0f}"
+        )
     cost = kd_step_cost(teacher, args.cache_dir, args.steps, layers["kd"], args.limit)
-    print(f"\nKD step with a warm cache vs plain CE step ({cost['steps']} steps each, batch 16, bf16): "
-          f"{cost['kd_s_per_step']:.3f} s vs {cost['plain_s_per_step']:.3f} s = {cost['ratio']:.3f}×")
+    print(
+        f"\nKD step with a warm cache vs plain CE step ({cost['steps']} steps each, batch 16, bf16): "
+        f"{cost['kd_s_per_step']:.3f} s vs {cost['plain_s_per_step']:.3f} s = {cost['ratio']:.3f}×"
+    )
 
 
 if __name__ == "__main__":

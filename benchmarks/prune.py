@@ -50,8 +50,9 @@ def load_base(path: str):
 
         from llm_lightning.models import load_classifier
 
-        return load_classifier(OmegaConf.create({"source": "smollm2", "attn_implementation": "eager"}),
-                               ["negative", "positive"])
+        return load_classifier(
+            OmegaConf.create({"source": "smollm2", "attn_implementation": "eager"}), ["negative", "positive"]
+        )
     model, tok = load_exported(path)
     model.set_attn_implementation("eager")  # faster than SDPA for short texts on CPU, as in training
     return model, tok
@@ -67,8 +68,13 @@ def batches(tok, texts, labels, size: int) -> list[dict]:
     out = []
     for i in range(0, len(texts), size):
         enc = tok(texts[i : i + size], padding=True, truncation=True, max_length=128, return_tensors="pt")
-        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                    "labels": torch.tensor(labels[i : i + size])})
+        out.append(
+            {
+                "input_ids": enc["input_ids"],
+                "attention_mask": enc["attention_mask"],
+                "labels": torch.tensor(labels[i : i + size]),
+            }
+        )
     return out
 
 
@@ -133,14 +139,16 @@ def measure(models: dict, data, stage: str, rounds: int = 3, with_accuracy: bool
     rows = []
     for name, (model, tok) in models.items():
         row = {
-            "variant": name, "stage": stage if name != "unpruned" else "fine-tuned",
+            "variant": name,
+            "stage": stage if name != "unpruned" else "fine-tuned",
             "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
             "nonzero_params_M": sum(int((p != 0).sum()) for p in model.parameters()) / 1e6,
             "disk_MB": disk_mb(model),
             "tok_s_b16": statistics.median(speed[name]["b16"]),
             "tok_s_b1": statistics.median(speed[name]["b1"]),
             "test_acc": accuracy(model, tok, test.texts, test.labels) if with_accuracy else None,
-            "layers": model.config.num_hidden_layers, "intermediate": model.config.intermediate_size,
+            "layers": model.config.num_hidden_layers,
+            "intermediate": model.config.intermediate_size,
             "heads": f"{model.config.num_attention_heads}/{model.config.num_key_value_heads}",
         }
         print(json.dumps(row), flush=True)
@@ -149,17 +157,23 @@ def measure(models: dict, data, stage: str, rounds: int = 3, with_accuracy: bool
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| variant | stage | params (M) | non-zero (M) | disk (MB) | tok/s b16 | tok/s b1 | test acc |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | stage | params (M) | non-zero (M) | disk (MB) | tok/s b16 | tok/s b1 | test acc |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         acc = "—" if r["test_acc"] is None else f"{100 * r['test_acc']:.1f}%"
-        lines.append(f"| {r['variant']} | {r['stage']} | {r['params_M']:.1f} | {r['nonzero_params_M']:.1f} | "
-                     f"{r['disk_MB']:.0f} | {r['tok_s_b16']:.0f} | {r['tok_s_b1']:.0f} | {acc} |")
+        lines.append(
+            f"| {r['variant']} | {r['stage']} | {r['params_M']:.1f} | {r['nonzero_params_M']:.1f} | "
+            f"{r['disk_MB']:.0f} | {r['tok_s_b16']:.0f} | {r['tok_s_b1']:.0f} | {acc} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     make = sub.add_parser("make", help="prune the model each way, save and measure")
     make.add_argument("--model", required=True, help="exported fine-tuned model/ folder")

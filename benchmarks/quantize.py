@@ -33,7 +33,14 @@ from llm_lightning.data import load_task  # noqa: E402
 from llm_lightning.models.saved import load_saved  # noqa: E402
 from llm_lightning.quantize import maybe_compile, quantize_model, save_quantized  # noqa: E402
 
-VARIANTS = ("fp32", "fp32+compile", "int8_dynamic", "int8_dynamic+compile", "int8_weight_only", "torch.ao_dynamic")
+VARIANTS = (
+    "fp32",
+    "fp32+compile",
+    "int8_dynamic",
+    "int8_dynamic+compile",
+    "int8_weight_only",
+    "torch.ao_dynamic",
+)
 
 
 def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -80,7 +87,9 @@ def build(variant: str, model_dir: Path, work: Path):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", type=Path, required=True, help="an exported model/ folder")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
     parser.add_argument("--threads", type=int, default=2)
@@ -100,25 +109,44 @@ def main() -> None:
     test = load_task(task, args.seed).test
     if args.test_limit:
         test.texts, test.labels = test.texts[: args.test_limit], test.labels[: args.test_limit]
-    settings = BenchSettings(throughput_texts=args.texts, latency_texts=args.latency_texts, repeats=args.repeats,
-                             max_length=task.max_length)
+    settings = BenchSettings(
+        throughput_texts=args.texts,
+        latency_texts=args.latency_texts,
+        repeats=args.repeats,
+        max_length=task.max_length,
+    )
     rates = {"fp32": matmul_rate(torch.float32), "int8": matmul_rate(torch.int8)}
-    print(f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}; {len(test)} test texts", flush=True)
-    print(f"2048^3 matmul: fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, int8 _int_mm {rates['int8'] / 1e9:.0f} GOP/s",
-          flush=True)
+    print(
+        f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}; {len(test)} test texts", flush=True
+    )
+    print(
+        f"2048^3 matmul: fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, int8 _int_mm {rates['int8'] / 1e9:.0f} GOP/s",
+        flush=True,
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
             started = time.perf_counter()
             model, folder, tokenizer, n_linear = build(variant, args.model, Path(tmp))
             row = measure(model, tokenizer, test.texts, test.labels, settings, path=folder)
-            ceiling = rates["int8" if variant.startswith(("int8_dynamic", "torch.ao")) else "fp32"] / (2 * n_linear)
-            row.update({"variant": variant, "ceiling_tokens_per_s": ceiling,
-                        "of_ceiling": row["tokens_per_s_b16"] / ceiling, "seconds": time.perf_counter() - started,
-                        "size_mb": size_on_disk_mb(folder)})
+            ceiling = rates["int8" if variant.startswith(("int8_dynamic", "torch.ao")) else "fp32"] / (
+                2 * n_linear
+            )
+            row.update(
+                {
+                    "variant": variant,
+                    "ceiling_tokens_per_s": ceiling,
+                    "of_ceiling": row["tokens_per_s_b16"] / ceiling,
+                    "seconds": time.perf_counter() - started,
+                    "size_mb": size_on_disk_mb(folder),
+                }
+            )
             rows.append(row)
-            print(f"  {variant}: {row['tokens_per_s_b16']:,.0f} tok/s b16, acc {row['acc']:.4f} "
-                  f"({row['seconds']:.0f} s)", flush=True)
+            print(
+                f"  {variant}: {row['tokens_per_s_b16']:,.0f} tok/s b16, acc {row['acc']:.4f} "
+                f"({row['seconds']:.0f} s)",
+                flush=True,
+            )
             del model
     print_table(rows)
     if args.json:
@@ -127,15 +155,19 @@ def main() -> None:
 
 def print_table(rows: list[dict]) -> None:
     base = next((r for r in rows if r["variant"] == "fp32"), None)
-    print("\n| variant | tok/s b16 | texts/s b16 | tok/s b32 | p50 ms b1 | p95 ms b1 | vs fp32 | test acc | "
-          "macro-F1 | disk MB | peak RSS MB | of int8/fp32 ceiling |")
+    print(
+        "\n| variant | tok/s b16 | texts/s b16 | tok/s b32 | p50 ms b1 | p95 ms b1 | vs fp32 | test acc | "
+        "macro-F1 | disk MB | peak RSS MB | of int8/fp32 ceiling |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['tokens_per_s_b16'] / base['tokens_per_s_b16']:.2f}x" if base else "—"
-        print(f"| {r['variant']} | {r['tokens_per_s_b16']:,.0f} | {r['texts_per_s_b16']:,.1f} | "
-              f"{r['tokens_per_s_b32']:,.0f} | {r['latency_p50_ms']:.1f} | {r['latency_p95_ms']:.1f} | {ratio} | "
-              f"{r['acc']:.4f} | {r['f1_macro']:.4f} | {r['size_mb']:.1f} | {r['peak_rss_mb']:,.0f} | "
-              f"{r['of_ceiling']:.0%} of {r['ceiling_tokens_per_s']:,.0f} |")
+        print(
+            f"| {r['variant']} | {r['tokens_per_s_b16']:,.0f} | {r['texts_per_s_b16']:,.1f} | "
+            f"{r['tokens_per_s_b32']:,.0f} | {r['latency_p50_ms']:.1f} | {r['latency_p95_ms']:.1f} | {ratio} | "
+            f"{r['acc']:.4f} | {r['f1_macro']:.4f} | {r['size_mb']:.1f} | {r['peak_rss_mb']:,.0f} | "
+            f"{r['of_ceiling']:.0%} of {r['ceiling_tokens_per_s']:,.0f} |"
+        )
 
 
 if __name__ == "__main__":

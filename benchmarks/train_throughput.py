@@ -27,8 +27,16 @@ from llm_lightning.data import ClassificationDataModule, load_task
 from llm_lightning.models import load_classifier
 from llm_lightning.module import SequenceClassifier
 
-TINY = dict(source="tiny", hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-            init_seed=0, attn_implementation="eager")
+TINY = dict(
+    source="tiny",
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    init_seed=0,
+    attn_implementation="eager",
+)
 SMOLLM2 = dict(source="smollm2", attn_implementation="eager")
 
 
@@ -58,7 +66,9 @@ def plain_loop(model, batches, precision: str) -> tuple[list[float], list[int]]:
     for batch in batches:
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits.float()
         loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -70,13 +80,27 @@ def plain_loop(model, batches, precision: str) -> tuple[list[float], list[int]]:
 
 
 def lightning_loop(model, batches, precision: str) -> tuple[list[float], list[int]]:
-    module = SequenceClassifier(model, ["n", "p"], {"lr": 1e-5, "weight_decay": 0.0, "fused": True},
-                                {"name": "constant_with_warmup", "warmup_ratio": 0.0})
+    module = SequenceClassifier(
+        model,
+        ["n", "p"],
+        {"lr": 1e-5, "weight_decay": 0.0, "fused": True},
+        {"name": "constant_with_warmup", "warmup_ratio": 0.0},
+    )
     timer = StepTimer()
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=len(batches),
-                        gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-                        limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        max_steps=len(batches),
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     return timer.times, timer.tokens
 
@@ -100,22 +124,32 @@ def rate(times: list[float], tokens: list[int], skip: int) -> tuple[float, float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--padding-only", action="store_true",
-                        help="only count the tokens one epoch computes, random vs length-grouped batches")
-    parser.add_argument("--overhead-only", action="store_true",
-                        help="only the plain loop against Lightning (bf16-mixed, full), more rounds")
+    parser.add_argument(
+        "--padding-only",
+        action="store_true",
+        help="only count the tokens one epoch computes, random vs length-grouped batches",
+    )
+    parser.add_argument(
+        "--overhead-only",
+        action="store_true",
+        help="only the plain loop against Lightning (bf16-mixed, full), more rounds",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     L.seed_everything(0)
     task = OmegaConf.load("conf/task/sentiment.yaml")
     data = load_task(task, seed=42)
-    model, tok = load_classifier(OmegaConf.create(SMOLLM2 if args.model == "smollm2" else TINY), data.label_names)
+    model, tok = load_classifier(
+        OmegaConf.create(SMOLLM2 if args.model == "smollm2" else TINY), data.label_names
+    )
     dm = ClassificationDataModule(data, tok, 128, 16, 32, seed=0)
     dm.setup()
     padding_report(dm)
@@ -148,13 +182,17 @@ def main() -> None:
             results[name].append(rate(*fn(m, batches, precision), skip))
             print(f"round {r + 1}/{args.rounds} {name}: {results[name][-1][1]:.0f} tok/s", flush=True)
             del m
-    print(f"\nmodel={args.model} threads={torch.get_num_threads()} torch={torch.__version__} "
-          f"batch=16 steps={args.steps}x{args.rounds} "
-          f"real tokens/step={statistics.mean(int(b['attention_mask'].sum()) for b in batches[skip:]):.0f}")
+    print(
+        f"\nmodel={args.model} threads={torch.get_num_threads()} torch={torch.__version__} "
+        f"batch=16 steps={args.steps}x{args.rounds} "
+        f"real tokens/step={statistics.mean(int(b['attention_mask'].sum()) for b in batches[skip:]):.0f}"
+    )
     plain = results["plain loop, bf16-mixed, full"]
     full = results["Lightning, bf16-mixed, full"]
-    print("| variant | s/step (median) | tokens/s (median) | vs plain loop (median of per-round ratios) "
-          "| step time vs Lightning full (median of per-round ratios) |")
+    print(
+        "| variant | s/step (median) | tokens/s (median) | vs plain loop (median of per-round ratios) "
+        "| step time vs Lightning full (median of per-round ratios) |"
+    )
     print("|---|---|---|---|---|")
     for name, runs in results.items():
         # Paired per-round ratios: both variants of a round saw the same machine state.
@@ -163,6 +201,7 @@ def main() -> None:
         step = statistics.median(x[0] for x in runs)
         tps = statistics.median(x[1] for x in runs)
         print(f"| {name} | {step:.3f} | {tps:.0f} | {vs_plain:.3f} | {vs_full:.2f} |")
+
 
 if __name__ == "__main__":
     main()

@@ -68,13 +68,17 @@ class SafeCheckpointIO(TorchCheckpointIO):
     """
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)  # remote: fsspec's transaction
         atomic_torch_save(checkpoint, path)
 
     @override
-    def load_checkpoint(self, path: _PATH, map_location: Any = None, weights_only: bool | None = None) -> dict:
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict:
         # weights_only is always True here: a resumed or tested checkpoint is data, never code.
         if "://" in str(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)

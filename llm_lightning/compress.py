@@ -73,7 +73,9 @@ def compress(chain: DictConfig) -> dict:
     out = Path(chain.out)
     unknown = sorted(set(chain.stages) - set(TRAINING_STAGES))
     if unknown:
-        raise ValueError(f"compress stages {unknown} are not among {TRAINING_STAGES} (key `stages` in conf/compress.yaml).")
+        raise ValueError(
+            f"compress stages {unknown} are not among {TRAINING_STAGES} (key `stages` in conf/compress.yaml)."
+        )
     for stage in TRAINING_STAGES:
         if done(out, stage):
             print(f"[compress] {stage}: {out / stage / 'model'} exists, skipped", flush=True)
@@ -109,7 +111,9 @@ def quantize_and_report(cfg: DictConfig, out: Path) -> dict:
         name = f"quantized ({q.method}{'+compile' if compile else ''})" if stage == "quantized" else stage
         # distillation retrains the pruned shape: only pruning and quantization must be faster
         compressed = stage in ("pruned", "quantized")
-        rows.append(measure_stage(name, model, tokenizer, data, cfg, path, settings, compile, previous, compressed))
+        rows.append(
+            measure_stage(name, model, tokenizer, data, cfg, path, settings, compile, previous, compressed)
+        )
         previous = name
         del model
     return write_report(rows, out, cfg, require_speedup=bool(q.get("require_speedup", False)))

@@ -35,12 +35,21 @@ def evaluate(cfg: DictConfig) -> dict:
             f"The model's labels {names} differ from the task's labels {data.label_names} "
             f"(task={cfg.task.name}); evaluate on the task the model was trained for, or set task.labels."
         )
-    module = SequenceClassifier(model, names, {"lr": 0.0, "weight_decay": 0.0}, {"name": "constant_with_warmup"})
-    dm = ClassificationDataModule(data, tokenizer, cfg.task.max_length, cfg.eval_batch_size, cfg.eval_batch_size,
-                                  cfg.seed)
+    module = SequenceClassifier(
+        model, names, {"lr": 0.0, "weight_decay": 0.0}, {"name": "constant_with_warmup"}
+    )
+    dm = ClassificationDataModule(
+        data, tokenizer, cfg.task.max_length, cfg.eval_batch_size, cfg.eval_batch_size, cfg.seed
+    )
     dm.setup()
-    trainer = L.Trainer(accelerator="auto", devices=1, precision=cfg.trainer.precision, logger=False,
-                        enable_checkpointing=False, default_root_dir=str(out))
+    trainer = L.Trainer(
+        accelerator="auto",
+        devices=1,
+        precision=cfg.trainer.precision,
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=str(out),
+    )
     loader = dm.eval_loader(cfg.split)
     results = trainer.test(module, dataloaders=loader)[0]
     metrics = {k.replace("test/", f"{cfg.split}/"): float(v) for k, v in results.items()}
@@ -48,8 +57,11 @@ def evaluate(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", metrics)
     log_confusion_matrix(trainer, module, out)
-    print(f"{cfg.split}/acc {metrics[f'{cfg.split}/acc']:.4f}  {cfg.split}/f1_macro "
-          f"{metrics[f'{cfg.split}/f1_macro']:.4f}\nWrote {out / 'metrics.json'}", flush=True)
+    print(
+        f"{cfg.split}/acc {metrics[f'{cfg.split}/acc']:.4f}  {cfg.split}/f1_macro "
+        f"{metrics[f'{cfg.split}/f1_macro']:.4f}\nWrote {out / 'metrics.json'}",
+        flush=True,
+    )
     return metrics
 
 

@@ -29,8 +29,13 @@ class SequenceClassifier(L.LightningModule):
         scheduler: `name` (one of SCHEDULES) and `warmup_ratio` of the total optimizer steps.
     """
 
-    def __init__(self, model: nn.Module, label_names: list[str], optimizer: DictConfig | dict,
-                 scheduler: DictConfig | dict):
+    def __init__(
+        self,
+        model: nn.Module,
+        label_names: list[str],
+        optimizer: DictConfig | dict,
+        scheduler: DictConfig | dict,
+    ):
         super().__init__()
         self.model = model.train()  # from_pretrained returns eval mode; dropout (if any) must be on
         self.label_names = list(label_names)
@@ -39,11 +44,17 @@ class SequenceClassifier(L.LightningModule):
         if self.scheduler_cfg["name"] not in SCHEDULES:
             raise ValueError(f"scheduler.name={self.scheduler_cfg['name']!r} is not one of {SCHEDULES}.")
         # Plain containers only, so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters({"label_names": self.label_names, "optimizer": self.optimizer_cfg,
-                                   "scheduler": self.scheduler_cfg})
+        self.save_hyperparameters(
+            {
+                "label_names": self.label_names,
+                "optimizer": self.optimizer_cfg,
+                "scheduler": self.scheduler_cfg,
+            }
+        )
         n = len(self.label_names)
-        metrics = MetricCollection({"acc": MulticlassAccuracy(n, average="micro"),
-                                    "f1_macro": MulticlassF1Score(n, average="macro")})
+        metrics = MetricCollection(
+            {"acc": MulticlassAccuracy(n, average="micro"), "f1_macro": MulticlassF1Score(n, average="macro")}
+        )
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
@@ -128,7 +139,11 @@ class SequenceClassifier(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Lightning refuses to clip for fused optimizers, fearing scaled fp16 gradients; with no
         GradScaler (fp32, bf16) the gradients are true values, so clip them directly."""
-        if gradient_clip_val and getattr(optimizer, "defaults", {}).get("fused") and gradient_clip_algorithm != "value":
+        if (
+            gradient_clip_val
+            and getattr(optimizer, "defaults", {}).get("fused")
+            and gradient_clip_algorithm != "value"
+        ):
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
             return
@@ -140,14 +155,22 @@ class SequenceClassifier(L.LightningModule):
         for name, p in self.model.named_parameters():
             if p.requires_grad:  # gradual unfreezing adds the rest as new param groups later
                 (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg["weight_decay"]},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))),
-                                      eps=cfg.get("eps", 1e-8), fused=self._use_fused())
+        groups = [
+            {"params": decay, "weight_decay": cfg["weight_decay"]},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(
+            groups,
+            lr=cfg["lr"],
+            betas=tuple(cfg.get("betas", (0.9, 0.999))),
+            eps=cfg.get("eps", 1e-8),
+            fused=self._use_fused(),
+        )
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(self.scheduler_cfg.get("warmup_ratio", 0.0) * total)
-        scheduler = get_scheduler(self.scheduler_cfg["name"], optimizer, num_warmup_steps=warmup,
-                                  num_training_steps=total)
+        scheduler = get_scheduler(
+            self.scheduler_cfg["name"], optimizer, num_warmup_steps=warmup, num_training_steps=total
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

@@ -1,7 +1,7 @@
 """Label texts with a saved model: one JSON line per text with the label and all probabilities.
 
-    python -m llm_lightning.predict outputs/sentiment/<date>/<time>/model "a gorgeous, moving film" "dull"
-    python -m llm_lightning.predict outputs/.../model --file reviews.txt   # one text per line
+python -m llm_lightning.predict outputs/sentiment/<date>/<time>/model "a gorgeous, moving film" "dull"
+python -m llm_lightning.predict outputs/.../model --file reviews.txt   # one text per line
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import torch
 from llm_lightning.models.saved import load_saved
 
 
-def predict(model, tokenizer, names: list[str], texts: list[str], batch_size: int = 32,
-            max_length: int = 512) -> Iterator[dict]:
+def predict(
+    model, tokenizer, names: list[str], texts: list[str], batch_size: int = 32, max_length: int = 512
+) -> Iterator[dict]:
     model.eval()
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
@@ -26,8 +27,11 @@ def predict(model, tokenizer, names: list[str], texts: list[str], batch_size: in
         with torch.inference_mode():
             probs = model(**enc).logits.float().softmax(-1)
         for text, p in zip(chunk, probs, strict=True):
-            yield {"text": text, "label": names[int(p.argmax())],
-                   "probs": {n: round(float(x), 6) for n, x in zip(names, p, strict=True)}}
+            yield {
+                "text": text,
+                "label": names[int(p.argmax())],
+                "probs": {n: round(float(x), 6) for n, x in zip(names, p, strict=True)},
+            }
 
 
 def read_texts(path: str) -> list[str]:
@@ -36,8 +40,11 @@ def read_texts(path: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m llm_lightning.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m llm_lightning.predict",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("model", help="a run's model/ folder or a checkpoint (.ckpt)")
     parser.add_argument("texts", nargs="*", help="texts to label")
     parser.add_argument("--file", help="a file with one text per line ('-' for stdin)")

@@ -202,8 +202,10 @@ def quantize_run(cfg: DictConfig, out: Path, model_dir: Path | None = None) -> d
     qcfg = cfg.quantize
     check_method(qcfg.method)
     if qcfg.method == "none":
-        raise ValueError(f"quantize.method='none' leaves nothing to quantize; choose one of {METHODS[1:]} "
-                         "(config group `quantize=`).")
+        raise ValueError(
+            f"quantize.method='none' leaves nothing to quantize; choose one of {METHODS[1:]} "
+            "(config group `quantize=`)."
+        )
     check_platform(qcfg.method, "cpu", qcfg.get("group_size", 128))
     model_dir = Path(model_dir) if model_dir is not None else out / "model"
     if not (model_dir / "config.json").exists():

@@ -43,8 +43,18 @@ def flat_hparams(cfg) -> dict:
 
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     container.pop("hydra", None)
-    for key in ("task", "model", "finetune", "optimizer", "scheduler", "trainer", "runtime", "distill",
-                "prune", "quantize"):
+    for key in (
+        "task",
+        "model",
+        "finetune",
+        "optimizer",
+        "scheduler",
+        "trainer",
+        "runtime",
+        "distill",
+        "prune",
+        "quantize",
+    ):
         if key in container:
             walk(container[key], f"{key}/")
     for key in ("seed", "batch_size", "group_by_length"):

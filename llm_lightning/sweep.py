@@ -38,7 +38,9 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         else:
             row["status"] = "failed"  # crashed or killed before writing metrics.json
         rows.append(row)
-    return sorted(rows, key=lambda r: (not r["job"].isdigit(), int(r["job"]) if r["job"].isdigit() else r["job"]))
+    return sorted(
+        rows, key=lambda r: (not r["job"].isdigit(), int(r["job"]) if r["job"].isdigit() else r["job"])
+    )
 
 
 def write_summary(sweep_dir: Path) -> tuple[Path, list[dict[str, Any]]]:
@@ -75,6 +77,11 @@ class SweepSummary(Callback):
             return
         path, rows = write_summary(sweep_dir)
         common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if len(rows) > 1 else set()
-        lines = ["", f"Sweep: {len(rows)} jobs in {sweep_dir}", *(format_line(r, common) for r in rows),
-                 f"Summary:     {path}", f"TensorBoard: tensorboard --logdir {sweep_dir}  (HPARAMS tab compares jobs)"]
+        lines = [
+            "",
+            f"Sweep: {len(rows)} jobs in {sweep_dir}",
+            *(format_line(r, common) for r in rows),
+            f"Summary:     {path}",
+            f"TensorBoard: tensorboard --logdir {sweep_dir}  (HPARAMS tab compares jobs)",
+        ]
         print("\n".join(lines), flush=True)

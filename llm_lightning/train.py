@@ -47,8 +47,15 @@ def finetune_callbacks(cfg) -> list[Callback]:
     if method == "freeze":
         return [LayerFreeze(cfg.trainable_layers, cfg.freeze_embeddings)]
     if method == "gradual_unfreeze":
-        return [GradualUnfreeze(cfg.trainable_layers, cfg.layers_per_step, cfg.every_n_epochs,
-                                cfg.freeze_embeddings, cfg.lr_factor)]
+        return [
+            GradualUnfreeze(
+                cfg.trainable_layers,
+                cfg.layers_per_step,
+                cfg.every_n_epochs,
+                cfg.freeze_embeddings,
+                cfg.lr_factor,
+            )
+        ]
     return []  # lora: peft freezes everything but the adapters and the head
 
 
@@ -87,7 +94,12 @@ def build(cfg: DictConfig):
         model = add_lora(model, cfg.finetune)
     module = SequenceClassifier(model, data.label_names, cfg.optimizer, cfg.scheduler)
     datamodule = ClassificationDataModule(
-        data, tokenizer, cfg.task.max_length, cfg.batch_size, cfg.eval_batch_size, cfg.seed,
+        data,
+        tokenizer,
+        cfg.task.max_length,
+        cfg.batch_size,
+        cfg.eval_batch_size,
+        cfg.seed,
         group_by_length=cfg.group_by_length,
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
@@ -114,8 +126,11 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     if trainer.interrupted:
         raise KeyboardInterrupt("Training was interrupted; resume with ckpt_path=last.")
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-               if v.numel() == 1 and not k.startswith("lr-") and not k.endswith("_step")}
+    metrics = {
+        k: float(v)
+        for k, v in trainer.callback_metrics.items()
+        if v.numel() == 1 and not k.startswith("lr-") and not k.endswith("_step")
+    }
     checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     if cfg.get("test"):
@@ -125,12 +140,14 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     throughput = next((c for c in callbacks if isinstance(c, TokenThroughput)), None)
     if throughput is not None and throughput.tokens_per_s:
         metrics["train/tokens_per_s"] = throughput.tokens_per_s
-    metrics.update({
-        "train/seconds": train_seconds,
-        "train/trainable_params": float(module.trainable_parameters()),
-        "train/total_params": float(sum(p.numel() for p in module.model.parameters())),
-        "best_checkpoint": best,
-    })
+    metrics.update(
+        {
+            "train/seconds": train_seconds,
+            "train/trainable_params": float(module.trainable_parameters()),
+            "train/total_params": float(sum(p.numel() for p in module.model.parameters())),
+            "best_checkpoint": best,
+        }
+    )
     _finish(cfg, trainer, module, tokenizer, metrics, out)
     if cfg.get("quantize") and cfg.quantize.method != "none" and trainer.is_global_zero:
         from llm_lightning.quantize import quantize_run

@@ -33,10 +33,18 @@ def tiny_cfg(tmp_path):
     return lambda overrides=None: make_cfg(tmp_path, overrides)
 
 
-def run_module(module: str, *args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_module(
+    module: str, *args: str, cwd: Path | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run `python -m <module> args...` as a user would; fail with its output if it fails."""
-    done = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     return done
 
 

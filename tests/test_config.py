@@ -8,8 +8,10 @@ from hydra.errors import MissingConfigException
 from tests.conftest import make_cfg, run_module
 
 
-@pytest.mark.parametrize("precision,expected", [("'32'", 32), ("32-true", "32-true"), ("16-mixed", "16-mixed"),
-                                                ("bf16-mixed", "bf16-mixed")])
+@pytest.mark.parametrize(
+    "precision,expected",
+    [("'32'", 32), ("32-true", "32-true"), ("16-mixed", "16-mixed"), ("bf16-mixed", "bf16-mixed")],
+)
 def test_precision_group_maps_to_lightning_precision(tmp_path, precision, expected):
     cfg = make_cfg(tmp_path, [f"precision={precision}"])
     assert cfg.trainer.precision == expected

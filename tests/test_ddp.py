@@ -24,16 +24,28 @@ def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
     # line for rank 1, which without llm_lightning.distributed would relaunch the sweep itself.
     work = tmp_path / "cwd"
     work.mkdir()
-    done = run_module("llm_lightning.train", "-m", "model=tiny", "debug=smoke", *COMMON, "trainer=ddp",
-                      "trainer.accelerator=cpu", "trainer.devices=2", "batch_size=2",
-                      "hydra.sweep.dir=sweep/${now:%H-%M-%S-%f}", "+stamp=${now:%H-%M-%S-%f}", cwd=work)
+    done = run_module(
+        "llm_lightning.train",
+        "-m",
+        "model=tiny",
+        "debug=smoke",
+        *COMMON,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "batch_size=2",
+        "hydra.sweep.dir=sweep/${now:%H-%M-%S-%f}",
+        "+stamp=${now:%H-%M-%S-%f}",
+        cwd=work,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (sweep,) = list((work / "sweep").iterdir())  # exactly one sweep directory...
     assert sorted(p.name for p in work.iterdir()) == ["sweep"]  # ...and no stray outputs/ or multirun/
     run = sweep / "0"
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0"]
-    assert [p.relative_to(work) for p in work.rglob("model.safetensors")] == [(run / "model" / "model.safetensors")
-                                                                               .relative_to(work)]
+    assert [p.relative_to(work) for p in work.rglob("model.safetensors")] == [
+        (run / "model" / "model.safetensors").relative_to(work)
+    ]
     assert (run / "train_ddp_rank_1.log").exists()  # rank 1 ran, in the job's own directory
     ddp = json.loads((run / "metrics.json").read_text())
 
@@ -45,7 +57,10 @@ def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
         assert ddp[key] == pytest.approx(single[key], abs=1e-6), key
     for key in ("val/loss", "test/loss"):
         assert ddp[key] == pytest.approx(single[key], abs=1e-4), key
-    a, b = load_file(run / "model" / "model.safetensors"), load_file(single_dir / "model" / "model.safetensors")
+    a, b = (
+        load_file(run / "model" / "model.safetensors"),
+        load_file(single_dir / "model" / "model.safetensors"),
+    )
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
 
@@ -53,7 +68,9 @@ def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
 def test_ddp_batches_are_the_single_process_global_batches():
     lengths = [(i * 7) % 23 + 1 for i in range(37)]
     single = LengthGroupedBatches(lengths, batch_size=6, seed=1, window=2)
-    ranks = [LengthGroupedBatches(lengths, batch_size=3, seed=1, window=2, rank=r, world_size=2) for r in (0, 1)]
+    ranks = [
+        LengthGroupedBatches(lengths, batch_size=3, seed=1, window=2, rank=r, world_size=2) for r in (0, 1)
+    ]
     for s in [single, *ranks]:
         s.set_epoch(2)
     per_rank = [list(r) for r in ranks]

@@ -26,8 +26,18 @@ from llm_lightning.models.tiny import byte_tokenizer
 from tests.conftest import make_cfg
 
 LABELS = ["negative", "positive"]
-TINY = OmegaConf.create(dict(source="tiny", hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
-                             num_kv_heads=2, init_seed=0, attn_implementation="eager"))
+TINY = OmegaConf.create(
+    dict(
+        source="tiny",
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        init_seed=0,
+        attn_implementation="eager",
+    )
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +51,16 @@ def teacher_dir(tmp_path_factory):
 def batch():
     tok = byte_tokenizer()
     enc = tok(["a gorgeous film", "dull", "it was fine, I suppose"], padding=True, return_tensors="pt")
-    return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask,
-            "labels": torch.tensor([1, 0, 1]), "index": torch.tensor([0, 1, 2])}
+    return {
+        "input_ids": enc.input_ids,
+        "attention_mask": enc.attention_mask,
+        "labels": torch.tensor([1, 0, 1]),
+        "index": torch.tensor([0, 1, 2]),
+    }
 
 
 # ---- the loss ----
+
 
 def test_kd_loss_is_zero_for_identical_logits_and_positive_otherwise():
     loss = KLDivergenceLoss()
@@ -88,6 +103,7 @@ def test_schedules_move_between_start_and_end():
 
 # ---- the student ----
 
+
 def test_student_keeping_every_layer_is_exactly_the_teacher(teacher_dir, batch):
     teacher, _ = load_teacher(str(teacher_dir), LABELS)
     student = student_from_teacher(teacher, [0, 1, 2]).eval()
@@ -102,8 +118,12 @@ def test_student_copies_the_kept_layers_embeddings_norm_and_head(teacher_dir):
     student = student_from_teacher(teacher, [0, 2])
     assert student.config.num_hidden_layers == 2 and len(student.model.layers) == 2
     assert student.config.distilled_from == {"keep_layers": [0, 2], "teacher_layers": 3}
-    pairs = [(student.model.layers[1], teacher.model.layers[2]), (student.model.embed_tokens, teacher.model.embed_tokens),
-             (student.model.norm, teacher.model.norm), (student.score, teacher.score)]
+    pairs = [
+        (student.model.layers[1], teacher.model.layers[2]),
+        (student.model.embed_tokens, teacher.model.embed_tokens),
+        (student.model.norm, teacher.model.norm),
+        (student.score, teacher.score),
+    ]
     for s, t in pairs:
         for (name, ps), pt in zip(s.named_parameters(), t.parameters(), strict=True):
             assert torch.equal(ps, pt) and ps.data_ptr() != pt.data_ptr(), name
@@ -123,9 +143,14 @@ def test_build_student_records_the_kept_layers_in_the_config(teacher_dir, tmp_pa
 
 # ---- bad input ----
 
+
 def test_keep_layers_out_of_range_is_a_clear_error(teacher_dir, tmp_path):
-    cfg = make_cfg(tmp_path, ["distill=kd", f"distill.teacher={teacher_dir}", "distill.student.keep_layers=[0,5]"])
-    with pytest.raises(ValueError, match=r"distill.student.keep_layers=\[0, 5\] is out of range: \[5\].*0\.\.2"):
+    cfg = make_cfg(
+        tmp_path, ["distill=kd", f"distill.teacher={teacher_dir}", "distill.student.keep_layers=[0,5]"]
+    )
+    with pytest.raises(
+        ValueError, match=r"distill.student.keep_layers=\[0, 5\] is out of range: \[5\].*0\.\.2"
+    ):
         build_student(cfg, LABELS)
     cfg = make_cfg(tmp_path, ["distill=kd", f"distill.teacher={teacher_dir}", "distill.student.num_layers=4"])
     with pytest.raises(ValueError, match=r"num_layers=4 is out of range.*3 decoder layers; choose 1\.\.3"):
@@ -133,28 +158,42 @@ def test_keep_layers_out_of_range_is_a_clear_error(teacher_dir, tmp_path):
 
 
 def test_missing_teacher_path_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"distill.teacher='/nowhere/model' does not exist.*model/ folder"):
+    with pytest.raises(
+        FileNotFoundError, match=r"distill.teacher='/nowhere/model' does not exist.*model/ folder"
+    ):
         load_teacher("/nowhere/model", LABELS)
 
 
 def test_teacher_with_other_labels_is_refused(teacher_dir):
-    with pytest.raises(ValueError, match=r"teacher's labels \['negative', 'positive'\] differ.*\['a', 'b', 'c'\]"):
+    with pytest.raises(
+        ValueError, match=r"teacher's labels \['negative', 'positive'\] differ.*\['a', 'b', 'c'\]"
+    ):
         load_teacher(str(teacher_dir), ["a", "b", "c"])
 
 
 def test_student_with_another_tokenizer_is_refused(teacher_dir, tmp_path):
     other = byte_tokenizer()
     other.add_tokens(["<movie>"])
-    with pytest.raises(ValueError, match=r"different tokenizers: vocabularies differ .*only in the student: \['<movie>'\]"):
+    with pytest.raises(
+        ValueError, match=r"different tokenizers: vocabularies differ .*only in the student: \['<movie>'\]"
+    ):
         check_same_tokenizer(byte_tokenizer(), other)
     # Through the config: a student from `model=` must share the teacher's tokenizer (here it does).
-    cfg = make_cfg(tmp_path, ["distill=kd", f"distill.teacher={teacher_dir}", "distill.student.from_teacher=false",
-                              "model.hidden_size=32"])
+    cfg = make_cfg(
+        tmp_path,
+        [
+            "distill=kd",
+            f"distill.teacher={teacher_dir}",
+            "distill.student.from_teacher=false",
+            "model.hidden_size=32",
+        ],
+    )
     student, _ = build_student(cfg, LABELS)
     assert student.config.hidden_size == 32
 
 
 # ---- the cache and the callback ----
+
 
 def _datamodule(tmp_path, max_length: int = 64):
     cfg = make_cfg(tmp_path)
@@ -168,10 +207,18 @@ def test_cached_loss_equals_uncached_on_the_same_batch(teacher_dir, tmp_path):
     teacher, _ = load_teacher(str(teacher_dir), LABELS)
     dm = _datamodule(tmp_path)
     split = dm.splits["train"]
-    cache = TeacherCache(tmp_path / "cache", weights_sha256(teacher), "sentiment", 64, "32-true", with_hidden=True)
-    cached = KnowledgeDistillation(str(teacher_dir), "sentiment", temperature=3.0, alpha=0.7, hidden_weight=0.0)
-    cached.outputs["train"] = cache.fill(teacher, "train", split.input_ids, 0, batch_size=5, log=lambda _: None)
-    uncached = KnowledgeDistillation(str(teacher_dir), "sentiment", temperature=3.0, alpha=0.7, use_cache=False)
+    cache = TeacherCache(
+        tmp_path / "cache", weights_sha256(teacher), "sentiment", 64, "32-true", with_hidden=True
+    )
+    cached = KnowledgeDistillation(
+        str(teacher_dir), "sentiment", temperature=3.0, alpha=0.7, hidden_weight=0.0
+    )
+    cached.outputs["train"] = cache.fill(
+        teacher, "train", split.input_ids, 0, batch_size=5, log=lambda _: None
+    )
+    uncached = KnowledgeDistillation(
+        str(teacher_dir), "sentiment", temperature=3.0, alpha=0.7, use_cache=False
+    )
     uncached.teacher = teacher
     batch = next(iter(dm.train_dataloader()))  # different padding than the fill's length-sorted batches
     student_logits = torch.randn(batch["labels"].shape[0], 2)
@@ -181,7 +228,9 @@ def test_cached_loss_equals_uncached_on_the_same_batch(teacher_dir, tmp_path):
     torch.testing.assert_close(a["loss"], b["loss"], atol=1e-6, rtol=1e-5)
     assert a["kd"].item() > 0
     _, hidden = teacher_outputs(teacher, batch["input_ids"], batch["attention_mask"], with_hidden=True)
-    torch.testing.assert_close(cached.outputs["train"]["hidden"][batch["index"]], hidden, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        cached.outputs["train"]["hidden"][batch["index"]], hidden, atol=1e-5, rtol=1e-4
+    )
 
 
 def test_cache_is_reused_and_invalidated_by_a_changed_teacher_or_tokenization(teacher_dir, tmp_path):
@@ -205,9 +254,20 @@ def test_teacher_gets_no_gradient_and_the_projection_trains(teacher_dir, tmp_pat
     hidden-state term has a learned projection."""
     from llm_lightning.train import train
 
-    cfg = make_cfg(tmp_path, ["distill=kd", f"distill.teacher={teacher_dir}", "distill.student.from_teacher=false",
-                              "model.hidden_size=32", "model.intermediate_size=64", "distill.cache.enabled=false",
-                              "distill.hidden_weight=1.0", "test=false", "export=false"])
+    cfg = make_cfg(
+        tmp_path,
+        [
+            "distill=kd",
+            f"distill.teacher={teacher_dir}",
+            "distill.student.from_teacher=false",
+            "model.hidden_size=32",
+            "model.intermediate_size=64",
+            "distill.cache.enabled=false",
+            "distill.hidden_weight=1.0",
+            "test=false",
+            "export=false",
+        ],
+    )
     metrics, objects = train(cfg)
     callback = next(c for c in objects["trainer"].callbacks if isinstance(c, KnowledgeDistillation))
     teacher = callback.teacher

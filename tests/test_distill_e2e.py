@@ -17,9 +17,16 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("kd")
     done = run_module("llm_lightning.train", "model=tiny", "debug=smoke", f"hydra.run.dir={root / 'teacher'}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    done = run_module("llm_lightning.train", "model=tiny", "debug=smoke", "distill=kd",
-                      f"distill.teacher={root / 'teacher' / 'model'}", "distill.student.num_layers=1",
-                      f"distill.cache.dir={root / 'cache'}", f"hydra.run.dir={root / 'student'}")
+    done = run_module(
+        "llm_lightning.train",
+        "model=tiny",
+        "debug=smoke",
+        "distill=kd",
+        f"distill.teacher={root / 'teacher' / 'model'}",
+        "distill.student.num_layers=1",
+        f"distill.cache.dir={root / 'cache'}",
+        f"hydra.run.dir={root / 'student'}",
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return root, done.stdout
 
@@ -27,8 +34,13 @@ def runs(tmp_path_factory):
 def test_student_run_has_the_usual_outputs_and_the_teachers_test_metrics(runs):
     root, stdout = runs
     out = root / "student"
-    for path in ("metrics.json", "model/config.json", "model/model.safetensors", "checkpoints/last.ckpt",
-                 "confusion_matrix.png"):
+    for path in (
+        "metrics.json",
+        "model/config.json",
+        "model/model.safetensors",
+        "checkpoints/last.ckpt",
+        "confusion_matrix.png",
+    ):
         assert (out / path).exists(), path
     metrics = json.loads((out / "metrics.json").read_text())
     teacher = json.loads((root / "teacher" / "metrics.json").read_text())
@@ -57,12 +69,23 @@ def test_a_second_run_reuses_the_cache_without_running_the_teacher(runs, tmp_pat
     from llm_lightning.train import train
 
     root = runs[0]
-    cfg = make_cfg(tmp_path, ["distill=kd", f"distill.teacher={root / 'teacher' / 'model'}",
-                              "distill.student.num_layers=1", f"distill.cache.dir={root / 'cache'}",
-                              "distill.alpha=0.9", "distill.temperature=4", "export=false"])
+    cfg = make_cfg(
+        tmp_path,
+        [
+            "distill=kd",
+            f"distill.teacher={root / 'teacher' / 'model'}",
+            "distill.student.num_layers=1",
+            f"distill.cache.dir={root / 'cache'}",
+            "distill.alpha=0.9",
+            "distill.temperature=4",
+            "export=false",
+        ],
+    )
     metrics, objects = train(cfg)
     callback = next(c for c in objects["trainer"].callbacks if isinstance(c, KnowledgeDistillation))
     assert callback.cache_fill_seconds == 0 and callback.teacher is None
     assert "read from" in capsys.readouterr().out
-    assert metrics["distill/alpha"] == pytest.approx(0.9) and metrics["distill/temperature"] == pytest.approx(4.0)
+    assert metrics["distill/alpha"] == pytest.approx(0.9) and metrics["distill/temperature"] == pytest.approx(
+        4.0
+    )
     assert (root / "cache" / cfg.distill.teacher_sha256[:16]).is_dir()

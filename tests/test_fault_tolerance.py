@@ -40,8 +40,14 @@ def malicious_ckpt(tmp_path) -> tuple[Path, Path]:
     marker = tmp_path / "pwned"
     ckpt = run / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir()
-    torch.save({"state_dict": {"model.w": torch.zeros(1)}, "hyper_parameters": {"label_names": ["a", "b"]},
-                "payload": _RunsCode(marker)}, ckpt)
+    torch.save(
+        {
+            "state_dict": {"model.w": torch.zeros(1)},
+            "hyper_parameters": {"label_names": ["a", "b"]},
+            "payload": _RunsCode(marker),
+        },
+        ckpt,
+    )
     return ckpt, marker
 
 
@@ -100,8 +106,16 @@ def test_sampler_resumes_after_the_batches_already_trained():
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    cfg = make_cfg(tmp_path, ["+callbacks.poison._target_=tests.faults.PoisonAtStep", "+callbacks.poison.step=3",
-                              "callbacks.progress_bar=null", "callbacks.lr_monitor=null", "~logger"])
+    cfg = make_cfg(
+        tmp_path,
+        [
+            "+callbacks.poison._target_=tests.faults.PoisonAtStep",
+            "+callbacks.poison.step=3",
+            "callbacks.progress_bar=null",
+            "callbacks.lr_monitor=null",
+            "~logger",
+        ],
+    )
     with pytest.raises(FloatingPointError, match=r"Loss is nan at global step 3 "):
         train(cfg)
     last = safe_load(tmp_path / "checkpoints" / "last.ckpt")
@@ -112,16 +126,30 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 # Two epochs of 8 batches, validation (and last.ckpt) after batches 3 and 6 of each; the kill lands
 # before step 13, so the resume starts mid-epoch 1 from the checkpoint of step 11, after a gradual
 # unfreeze at the epoch boundary.
-RESUME = ["trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.val_check_interval=3", "eval_batch_size=32",
-          "callbacks.progress_bar=null",
-          "callbacks.early_stopping.patience=100", "finetune=gradual_unfreeze", "finetune.trainable_layers=1",
-          "finetune.layers_per_step=1"]
+RESUME = [
+    "trainer.max_steps=-1",
+    "trainer.max_epochs=2",
+    "trainer.val_check_interval=3",
+    "eval_batch_size=32",
+    "callbacks.progress_bar=null",
+    "callbacks.early_stopping.patience=100",
+    "finetune=gradual_unfreeze",
+    "finetune.trainable_layers=1",
+    "finetune.layers_per_step=1",
+]
 
 
 def test_sigkilled_run_resumes_to_the_same_weights_and_metrics(tmp_path):
     killed = tmp_path / "killed"
-    done = run_module("llm_lightning.train", "model=tiny", "debug=smoke", *RESUME, f"hydra.run.dir={killed}",
-                      "+callbacks.kill._target_=tests.faults.KillAtStep", "+callbacks.kill.step=13")
+    done = run_module(
+        "llm_lightning.train",
+        "model=tiny",
+        "debug=smoke",
+        *RESUME,
+        f"hydra.run.dir={killed}",
+        "+callbacks.kill._target_=tests.faults.KillAtStep",
+        "+callbacks.kill.step=13",
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
     assert not (killed / "metrics.json").exists()
     assert safe_load(killed / "checkpoints" / "last.ckpt")["global_step"] == 11

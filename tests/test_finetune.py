@@ -46,7 +46,7 @@ def test_frozen_layers_get_no_backward_pass(tiny_cfg):
 
 def test_trainable_layers_out_of_range_is_clear(tiny_cfg):
     cfg = tiny_cfg([*LAYERS, "finetune=freeze", "finetune.trainable_layers=9"])
-    module, *_ , callbacks = build(cfg)
+    module, *_, callbacks = build(cfg)
     with pytest.raises(ValueError, match=r"trainable_layers=9 but the model has only 4 .*0\.\.4"):
         next(c for c in callbacks if isinstance(c, LayerFreeze)).freeze_before_training(module)
 
@@ -62,16 +62,32 @@ class Record(Callback):
 
 
 def test_gradual_unfreeze_follows_schedule_and_resumes(tiny_cfg, tmp_path):
-    over = [*LAYERS, "finetune=gradual_unfreeze", "finetune.trainable_layers=1", "finetune.layers_per_step=1",
-            "trainer.max_epochs=3", "trainer.max_steps=-1", "task.limit=8", "trainer.val_check_interval=1.0",
-            "test=false", "export=false", "callbacks=none"]
+    over = [
+        *LAYERS,
+        "finetune=gradual_unfreeze",
+        "finetune.trainable_layers=1",
+        "finetune.layers_per_step=1",
+        "trainer.max_epochs=3",
+        "trainer.max_steps=-1",
+        "task.limit=8",
+        "trainer.val_check_interval=1.0",
+        "test=false",
+        "export=false",
+        "callbacks=none",
+    ]
     cfg = tiny_cfg(over)
     module, dm, tok, callbacks = build(cfg)
     record = Record()
     import lightning as L
 
-    trainer = L.Trainer(max_epochs=3, callbacks=[*callbacks, record], logger=False, enable_progress_bar=False,
-                        default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_epochs=3,
+        callbacks=[*callbacks, record],
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, datamodule=dm)
     assert record.unfrozen == [1, 2, 3]
     assert record.trainable[0] < record.trainable[1] < record.trainable[2]

@@ -10,8 +10,18 @@ from llm_lightning.models import load_classifier, load_exported
 from llm_lightning.models.smollm2 import ModelFetchError, fetch_gguf
 from llm_lightning.models.tiny import byte_tokenizer, tiny_config
 
-TINY = OmegaConf.create(dict(source="tiny", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                             num_kv_heads=2, init_seed=0, attn_implementation="eager"))
+TINY = OmegaConf.create(
+    dict(
+        source="tiny",
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        init_seed=0,
+        attn_implementation="eager",
+    )
+)
 
 
 def test_tiny_classifier_has_labels_and_pad_token():
@@ -39,8 +49,15 @@ def test_hf_source_loads_a_local_directory(tmp_path):
     tok.pad_token = None  # like Llama checkpoints: no pad token shipped
     LlamaForCausalLM(tiny_config(len(tok))).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    cfg = OmegaConf.create(dict(source="hf", name_or_path=str(tmp_path), revision=None, trust_remote_code=False,
-                                attn_implementation="eager"))
+    cfg = OmegaConf.create(
+        dict(
+            source="hf",
+            name_or_path=str(tmp_path),
+            revision=None,
+            trust_remote_code=False,
+            attn_implementation="eager",
+        )
+    )
     model, loaded_tok = load_classifier(cfg, ["neg", "pos"])
     assert type(model).__name__ == "LlamaForSequenceClassification"
     assert loaded_tok.pad_token == loaded_tok.eos_token and model.config.pad_token_id is not None

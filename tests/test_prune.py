@@ -15,8 +15,15 @@ from llm_lightning.pruning import prunable_weights, sparsity_report
 from llm_lightning.train import build, train
 from tests.conftest import make_cfg, run_module
 
-CUBIC = ["prune=magnitude", "prune.schedule.kind=cubic", "prune.schedule.start_step=1",
-         "prune.schedule.end_step=7", "prune.schedule.frequency=2", "prune.sparsity=0.6", "prune.scope=layer"]
+CUBIC = [
+    "prune=magnitude",
+    "prune.schedule.kind=cubic",
+    "prune.schedule.start_step=1",
+    "prune.schedule.end_step=7",
+    "prune.schedule.frequency=2",
+    "prune.sparsity=0.6",
+    "prune.scope=layer",
+]
 
 
 def expected_cubic(step: int) -> float:
@@ -53,9 +60,18 @@ def fit(tmp_path, overrides, max_steps, ckpt_path=None, extra=()):
     cfg = make_cfg(tmp_path, ["callbacks=none", "finetune=full", *overrides])
     module, datamodule, _, callbacks = build(cfg)
     recorder = Recorder()
-    trainer = L.Trainer(max_steps=max_steps, callbacks=[*callbacks, recorder, *extra], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, accelerator="cpu", devices=1)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        callbacks=[*callbacks, recorder, *extra],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer, module, recorder
 
@@ -87,8 +103,11 @@ def test_interrupted_magnitude_run_resumes_at_same_schedule_position(tmp_path):
     assert sorted(second.seen) == list(range(4, 9))
     combined = {**first.seen, **second.seen}
     assert combined == pytest.approx(whole.seen, abs=1e-6)
-    for (name, a), b in zip(prunable_weights(whole_module.model).items(),
-                            prunable_weights(resumed_module.model).values(), strict=True):
+    for (name, a), b in zip(
+        prunable_weights(whole_module.model).items(),
+        prunable_weights(resumed_module.model).values(),
+        strict=True,
+    ):
         assert torch.equal(a == 0, b == 0), name  # the same weights pruned
 
 
@@ -105,8 +124,18 @@ def test_interrupted_structured_run_rebuilds_the_same_shapes(tmp_path):
 
 def test_depth_run_exports_kept_layers_and_trains_top_layers(tmp_path):
     # The recovery experiment (depth pruning, then fine-tuning the top layers), scaled to the tiny model.
-    cfg = make_cfg(tmp_path, ["experiment=prune_recover", "prune.remove_layers=2", "prune.batches=2",
-                              "model.num_layers=4", "finetune.trainable_layers=1", "callbacks=none", "test=false"])
+    cfg = make_cfg(
+        tmp_path,
+        [
+            "experiment=prune_recover",
+            "prune.remove_layers=2",
+            "prune.batches=2",
+            "model.num_layers=4",
+            "finetune.trainable_layers=1",
+            "callbacks=none",
+            "test=false",
+        ],
+    )
     assert (cfg.prune.method, cfg.finetune.method) == ("depth", "freeze")
     metrics, objects = train(cfg)
     model = objects["module"].model
@@ -121,9 +150,16 @@ def test_depth_run_exports_kept_layers_and_trains_top_layers(tmp_path):
 
 
 def test_structured_pruning_end_to_end_cli(tmp_path):
-    done = run_module("llm_lightning.train", "model=tiny", "debug=smoke", "prune=structured",
-                      "prune.mlp_sparsity=0.5", "prune.remove_heads=2", "prune.importance=taylor",
-                      f"hydra.run.dir={tmp_path}")
+    done = run_module(
+        "llm_lightning.train",
+        "model=tiny",
+        "debug=smoke",
+        "prune=structured",
+        "prune.mlp_sparsity=0.5",
+        "prune.remove_heads=2",
+        "prune.importance=taylor",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
     tok = AutoTokenizer.from_pretrained(tmp_path / "model")

@@ -24,8 +24,16 @@ from llm_lightning.pruning.depth import layers_to_keep
 from llm_lightning.pruning.structured import check_width_args
 
 # 6 query heads sharing 2 KV heads: groups of 3, so "query" and "kv_group" modes differ.
-TINY = {"source": "tiny", "hidden_size": 48, "intermediate_size": 32, "num_layers": 3, "num_heads": 6,
-        "num_kv_heads": 2, "init_seed": 0, "attn_implementation": "eager"}
+TINY = {
+    "source": "tiny",
+    "hidden_size": 48,
+    "intermediate_size": 32,
+    "num_layers": 3,
+    "num_heads": 6,
+    "num_kv_heads": 2,
+    "init_seed": 0,
+    "attn_implementation": "eager",
+}
 
 
 def tiny_model(**changes):
@@ -36,8 +44,14 @@ def tiny_model(**changes):
 def batches(tok, n: int = 2) -> list[dict]:
     texts = ["a gorgeous, moving film", "dull", "the plot never lands at all", "fine"]
     enc = tok(texts * n, padding=True, return_tensors="pt")
-    return [{"input_ids": enc["input_ids"][i::n], "attention_mask": enc["attention_mask"][i::n],
-             "labels": torch.tensor([1, 0, 0, 1])} for i in range(n)]
+    return [
+        {
+            "input_ids": enc["input_ids"][i::n],
+            "attention_mask": enc["attention_mask"][i::n],
+            "labels": torch.tensor([1, 0, 0, 1]),
+        }
+        for i in range(n)
+    ]
 
 
 def logits(model, tok) -> torch.Tensor:
@@ -47,9 +61,21 @@ def logits(model, tok) -> torch.Tensor:
 
 
 def test_cubic_schedule_follows_zhu_gupta():
-    s = SparsitySchedule("cubic", final_sparsity=0.8, initial_sparsity=0.0, start_step=2, end_step=10, frequency=2)
-    expected = {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0, 4: 0.8 - 0.8 * (1 - 2 / 8) ** 3, 5: 0.8 - 0.8 * (1 - 2 / 8) ** 3,
-                6: 0.8 - 0.8 * 0.5**3, 9: 0.8 - 0.8 * (1 - 6 / 8) ** 3, 10: 0.8, 50: 0.8}
+    s = SparsitySchedule(
+        "cubic", final_sparsity=0.8, initial_sparsity=0.0, start_step=2, end_step=10, frequency=2
+    )
+    expected = {
+        0: 0.0,
+        1: 0.0,
+        2: 0.0,
+        3: 0.0,
+        4: 0.8 - 0.8 * (1 - 2 / 8) ** 3,
+        5: 0.8 - 0.8 * (1 - 2 / 8) ** 3,
+        6: 0.8 - 0.8 * 0.5**3,
+        9: 0.8 - 0.8 * (1 - 6 / 8) ** 3,
+        10: 0.8,
+        50: 0.8,
+    }
     for step, value in expected.items():
         assert s.sparsity_at(step) == pytest.approx(value), step
     by_epoch = SparsitySchedule("epochs", final_sparsity=0.6, epochs=[1, 3])
@@ -78,7 +104,9 @@ def test_masks_remove_exact_count_and_only_grow(importance, scope):
     if scope == "layer":
         assert all(int((~m).sum()) == round(0.6 * m.numel()) for m in high.values())
     assert pruned == pytest.approx(0.6 * total, abs=len(weights))
-    assert all(not (h & ~lo).any() for h, lo in zip(high.values(), low.values(), strict=True))  # never revived
+    assert all(
+        not (h & ~lo).any() for h, lo in zip(high.values(), low.values(), strict=True)
+    )  # never revived
     if importance == "l1":  # every pruned weight is no larger than every kept one (global)
         for name, w in weights.items():
             if scope == "layer" and (~high[name]).any():
@@ -101,7 +129,11 @@ def test_zeroed_neurons_and_heads_are_removed_without_changing_outputs():
     shrink_width(model, plan)
     assert model.model.layers[0].mlp.down_proj.weight.shape == (48, 28)
     assert model.model.layers[0].self_attn.q_proj.weight.shape == (32, 48)
-    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim) == (4, 2, 8)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim) == (
+        4,
+        2,
+        8,
+    )
     torch.testing.assert_close(logits(model, tok), before, atol=1e-5, rtol=1e-4)
 
 
@@ -158,7 +190,9 @@ def test_bad_head_and_layer_counts_say_what_is_valid():
     config = tiny_model()[0].config
     with pytest.raises(ValueError, match=r"remove_heads=6 but each layer has 6 query heads.*\[0, 2, 4\]"):
         check_width_args(config, 0.0, 6, "query")
-    with pytest.raises(ValueError, match=r"remove_heads=1 breaks the GQA grouping.*multiple of 2.*\[0, 2, 4\]"):
+    with pytest.raises(
+        ValueError, match=r"remove_heads=1 breaks the GQA grouping.*multiple of 2.*\[0, 2, 4\]"
+    ):
         check_width_args(config, 0.0, 1, "query")
     with pytest.raises(ValueError, match=r"remove_heads=2 breaks the GQA grouping.*group size 3.*\[0, 3\]"):
         check_width_args(config, 0.0, 2, "kv_group")

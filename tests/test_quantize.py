@@ -140,11 +140,17 @@ def test_quantize_command_saves_evaluates_and_reports(tiny, tmp_path):
     model, tokenizer = tiny
     export_model(model, tokenizer, tmp_path / "run" / "model")
     out = tmp_path / "q"
-    done = run_module("llm_lightning.quantize", f"model_path={tmp_path / 'run' / 'model'}",
-                      "quantize=int8_weight_only", "bench=quick", "task.limit=16", "runtime.threads=1",
-                      f"hydra.run.dir={out}")
+    done = run_module(
+        "llm_lightning.quantize",
+        f"model_path={tmp_path / 'run' / 'model'}",
+        "quantize=int8_weight_only",
+        "bench=quick",
+        "task.limit=16",
+        "runtime.threads=1",
+        f"hydra.run.dir={out}",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    metrics = json.loads(done.stdout[done.stdout.index("{"):])
+    metrics = json.loads(done.stdout[done.stdout.index("{") :])
     assert 0.0 <= metrics["quantize/acc"] <= 1.0 and metrics["quantize/tokens_per_s_b16"] > 0
     assert metrics["quantize/threads"] == 1.0
     for name in ("report.json", "report.md", "pareto.png", "quantized/quantization.json"):

@@ -33,9 +33,16 @@ def test_converted_safetensors_gives_the_gguf_logits():
 
 
 def test_smollm2_trains_a_few_steps_and_exports(tmp_path):
-    done = run_module("llm_lightning.train", "task.limit=64", "trainer.max_steps=6", "trainer.val_check_interval=3",
-                      "batch_size=8", "eval_batch_size=32", f"hydra.run.dir={tmp_path}",
-                      "callbacks.model_checkpoint.save_last=false")
+    done = run_module(
+        "llm_lightning.train",
+        "task.limit=64",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        "batch_size=8",
+        "eval_batch_size=32",
+        f"hydra.run.dir={tmp_path}",
+        "callbacks.model_checkpoint.save_last=false",
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["train/trainable_params"] == pytest.approx(106.2e6, rel=0.01)  # embeddings frozen

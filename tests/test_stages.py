@@ -26,8 +26,20 @@ from llm_lightning.stages import (
 from tests.conftest import CONF
 
 QUICK = BenchSettings(batch_sizes=(16, 32), throughput_texts=32, latency_texts=4, repeats=1)
-MEASURED_KEYS = ("acc", "f1_macro", "latency_p50_ms", "latency_p95_ms", "tokens_per_s_b16", "texts_per_s_b16",
-                 "tokens_per_s_b32", "texts_per_s_b32", "peak_rss_mb", "size_mb", "params", "threads")
+MEASURED_KEYS = (
+    "acc",
+    "f1_macro",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "tokens_per_s_b16",
+    "texts_per_s_b16",
+    "tokens_per_s_b32",
+    "texts_per_s_b32",
+    "peak_rss_mb",
+    "size_mb",
+    "params",
+    "threads",
+)
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +150,10 @@ def test_speed_gate_warns_or_fails_on_a_slower_compressed_stage(tmp_path):
 def test_speed_gate_trips_on_a_measured_slower_model(tiny, tmp_path, one_thread):
     model, tokenizer = tiny
     data, cfg = task_data(), OmegaConf.create({})
-    rows = [measure_stage("fp32", model, tokenizer, data, cfg, None, QUICK),
-            measure_stage("slowed", Slowed(model), tokenizer, data, cfg, None, QUICK, input_stage="fp32")]
+    rows = [
+        measure_stage("fp32", model, tokenizer, data, cfg, None, QUICK),
+        measure_stage("slowed", Slowed(model), tokenizer, data, cfg, None, QUICK, input_stage="fp32"),
+    ]
     assert rows[1]["acc"] == rows[0]["acc"]  # same answers, only slower
     with pytest.raises(SpeedGateError, match="'slowed' is slower than its input 'fp32'"):
         write_report(rows, tmp_path, require_speedup=True)

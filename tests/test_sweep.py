@@ -51,16 +51,29 @@ def test_grid_sweep_runs_each_job_in_its_own_dir_and_summarises(grid_sweep):
 
 
 def test_optuna_sweep_maximises_the_returned_metric(tmp_path):
-    done = run_module("llm_lightning.train", "hparams_search=sentiment_optuna", *QUICK, "test=false",
-                      "task.limit=8", "trainer.max_steps=1", "trainer.val_check_interval=1",
-                      "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
-                      f"hydra.sweep.dir={tmp_path}")
+    done = run_module(
+        "llm_lightning.train",
+        "hparams_search=sentiment_optuna",
+        *QUICK,
+        "test=false",
+        "task.limit=8",
+        "trainer.max_steps=1",
+        "trainer.val_check_interval=1",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+        f"hydra.sweep.dir={tmp_path}",
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     best = OmegaConf.load(tmp_path / "optimization_results.yaml")
     scores = [json.loads((tmp_path / job / "metrics.json").read_text())["val/acc_best"] for job in ("0", "1")]
     assert best.best_value == pytest.approx(max(scores))
-    assert set(best.best_params) == {"optimizer.lr", "optimizer.weight_decay", "scheduler.warmup_ratio",
-                                     "finetune", "batch_size"}
+    assert set(best.best_params) == {
+        "optimizer.lr",
+        "optimizer.weight_decay",
+        "scheduler.warmup_ratio",
+        "finetune",
+        "batch_size",
+    }
     assert len(list(csv.DictReader(open(tmp_path / "sweep.csv")))) == 2
 
 
@@ -71,7 +84,9 @@ def _free_port() -> int:
 
 
 def _get(url: str, data: bytes | None = None):
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    request = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json"} if data else {}
+    )
     with urllib.request.urlopen(request, timeout=10) as r:
         return json.loads(r.read())
 
@@ -80,9 +95,23 @@ def test_tensorboard_serves_every_sweep_job_with_hparams(grid_sweep):
     out, _ = grid_sweep
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(out), "--host", "127.0.0.1",
-         "--port", str(port), "--load_fast=false", "--reload_interval=0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(out),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--load_fast=false",
+            "--reload_interval=0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         runs = []
@@ -102,8 +131,15 @@ def test_tensorboard_serves_every_sweep_job_with_hparams(grid_sweep):
             points = _get(f"{base}/data/plugin/scalars/scalars?run={job}/tensorboard&tag=val/acc_best")
             metrics = json.loads((out / job / "metrics.json").read_text())
             assert points[-1][2] == pytest.approx(metrics["val/acc_best"])  # [wall_time, step, value]
-        request = json.dumps({"experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"],
-                              "colParams": [], "startIndex": 0, "sliceSize": 10}).encode()
+        request = json.dumps(
+            {
+                "experimentName": "",
+                "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"],
+                "colParams": [],
+                "startIndex": 0,
+                "sliceSize": 10,
+            }
+        ).encode()
         groups = _get(f"{base}/data/plugin/hparams/session_groups", request)["sessionGroups"]
         methods = sorted(g["hparams"]["finetune/method"] for g in groups)
         assert methods == ["full", "lora"]

@@ -10,8 +10,18 @@ from omegaconf import OmegaConf
 
 from llm_lightning.data import TaskDataError, load_task
 
-CSV_TASK = dict(name="csv", source="file", text_column="text", label_column="sentiment", labels=None,
-                encoding="utf-8", val_path=None, test_path=None, split=[0.8, 0.1, 0.1], limit=None)
+CSV_TASK = dict(
+    name="csv",
+    source="file",
+    text_column="text",
+    label_column="sentiment",
+    labels=None,
+    encoding="utf-8",
+    val_path=None,
+    test_path=None,
+    split=[0.8, 0.1, 0.1],
+    limit=None,
+)
 
 
 def task(**kw):
@@ -63,8 +73,14 @@ def test_jsonl_with_separate_val_and_test(tmp_path):
     for name, n in (("train", 20), ("val", 4), ("test", 6)):
         rows = [{"text": f"{name} {i}", "sentiment": ["a", "b"][i % 2]} for i in range(n)]
         (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    data = load_task(task(path=str(tmp_path / "train.jsonl"), val_path=str(tmp_path / "val.jsonl"),
-                          test_path=str(tmp_path / "test.jsonl")), seed=0)
+    data = load_task(
+        task(
+            path=str(tmp_path / "train.jsonl"),
+            val_path=str(tmp_path / "val.jsonl"),
+            test_path=str(tmp_path / "test.jsonl"),
+        ),
+        seed=0,
+    )
     assert (len(data.train), len(data.val), len(data.test)) == (20, 4, 6)
 
 
@@ -84,8 +100,9 @@ def test_label_not_in_task_labels(reviews_csv):
 
 def test_empty_texts_are_dropped_with_a_count(tmp_path, caplog):
     path = tmp_path / "d.csv"
-    path.write_text("text,sentiment\n" + "".join(f'"{"   " if i % 5 == 0 else f"t{i}"}",{i % 2}\n'
-                                                  for i in range(100)))
+    path.write_text(
+        "text,sentiment\n" + "".join(f'"{"   " if i % 5 == 0 else f"t{i}"}",{i % 2}\n' for i in range(100))
+    )
     data = load_task(task(path=str(path)), seed=0)
     assert len(data.train) + len(data.val) + len(data.test) == 80
     assert "dropped 20 empty or whitespace-only texts" in caplog.text
@@ -96,8 +113,14 @@ def test_a_split_left_empty_is_an_error(tmp_path):
     (tmp_path / "val.csv").write_text("text,sentiment\na,x\n")
     (tmp_path / "test.csv").write_text('text,sentiment\n" ",x\n')
     with pytest.raises(TaskDataError, match="no texts left"):
-        load_task(task(path=str(tmp_path / "train.csv"), val_path=str(tmp_path / "val.csv"),
-                       test_path=str(tmp_path / "test.csv")), seed=0)
+        load_task(
+            task(
+                path=str(tmp_path / "train.csv"),
+                val_path=str(tmp_path / "val.csv"),
+                test_path=str(tmp_path / "test.csv"),
+            ),
+            seed=0,
+        )
 
 
 def test_undecodable_bytes_name_file_offset_and_encoding(tmp_path):

@@ -21,8 +21,15 @@ def tiny_run(tmp_path_factory):
 
 def test_run_writes_every_output(tiny_run):
     out, stdout = tiny_run
-    for path in (".hydra/config.yaml", "metrics.json", "confusion_matrix.png", "model/config.json",
-                 "model/model.safetensors", "model/tokenizer.json", "checkpoints/last.ckpt"):
+    for path in (
+        ".hydra/config.yaml",
+        "metrics.json",
+        "confusion_matrix.png",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "checkpoints/last.ckpt",
+    ):
         assert (out / path).exists(), path
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("test/acc", "test/f1_macro", "val/acc_best", "train/tokens_per_s"):
@@ -39,8 +46,16 @@ def test_tensorboard_has_scalars_hparams_and_confusion_matrix(tiny_run):
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
-    for tag in ("train/loss_step", "val/loss", "val/acc", "val/f1_macro", "val/acc_best", "test/acc",
-                "train/tokens_per_s_step", "lr-AdamW/pg1"):
+    for tag in (
+        "train/loss_step",
+        "val/loss",
+        "val/acc",
+        "val/f1_macro",
+        "val/acc_best",
+        "test/acc",
+        "train/tokens_per_s_step",
+        "lr-AdamW/pg1",
+    ):
         assert tag in scalars, (tag, sorted(scalars))
     assert "test/confusion_matrix" in acc.Tags()["images"]
     assert len(acc.Scalars("train/loss_step")) == 4  # one per step of debug=smoke
@@ -64,8 +79,13 @@ def test_evaluate_matches_training_test_metrics(tiny_run, tmp_path, which):
     out, _ = tiny_run
     trained = json.loads((out / "metrics.json").read_text())
     path = out / "model" if which == "model" else trained["best_checkpoint"]
-    done = run_module("llm_lightning.evaluate", f"model_path={path}", "task.limit=32",
-                      f"hydra.run.dir={tmp_path}", "trainer.precision=bf16-mixed")
+    done = run_module(
+        "llm_lightning.evaluate",
+        f"model_path={path}",
+        "task.limit=32",
+        f"hydra.run.dir={tmp_path}",
+        "trainer.precision=bf16-mixed",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     evaluated = json.loads((tmp_path / "metrics.json").read_text())
     # Same weights, same seeded split, same precision: the same accuracy.

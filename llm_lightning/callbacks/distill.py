@@ -39,21 +39,23 @@ def distillation_callbacks(cfg: DictConfig) -> list[Callback]:
         raise ValueError(f"distill.method={d.method!r} is not one of {METHODS} (config group `distill=`).")
     if d.method == "none":
         return []
-    return [KnowledgeDistillation(
-        teacher=d.teacher,
-        task=cfg.task.name,
-        temperature=d.temperature,
-        alpha=d.alpha,
-        temperature_schedule=_plain(d.get("temperature_schedule")),
-        alpha_schedule=_plain(d.get("alpha_schedule")),
-        hidden_weight=d.get("hidden_weight", 0.0),
-        use_cache=d.cache.enabled,
-        cache_dir=d.cache.get("dir"),
-        fill_batch_size=d.cache.get("batch_size") or cfg.eval_batch_size,
-        teacher_sha256=d.get("teacher_sha256"),
-        teacher_params=d.get("teacher_params"),
-        attn_implementation=cfg.model.get("attn_implementation"),
-    )]
+    return [
+        KnowledgeDistillation(
+            teacher=d.teacher,
+            task=cfg.task.name,
+            temperature=d.temperature,
+            alpha=d.alpha,
+            temperature_schedule=_plain(d.get("temperature_schedule")),
+            alpha_schedule=_plain(d.get("alpha_schedule")),
+            hidden_weight=d.get("hidden_weight", 0.0),
+            use_cache=d.cache.enabled,
+            cache_dir=d.cache.get("dir"),
+            fill_batch_size=d.cache.get("batch_size") or cfg.eval_batch_size,
+            teacher_sha256=d.get("teacher_sha256"),
+            teacher_params=d.get("teacher_params"),
+            attn_implementation=cfg.model.get("attn_implementation"),
+        )
+    ]
 
 
 class KnowledgeDistillation(Callback):
@@ -75,11 +77,22 @@ class KnowledgeDistillation(Callback):
         attn_implementation: attention kernel for a saved teacher (eager is faster on CPU).
     """
 
-    def __init__(self, teacher: Any, task: str, temperature: float = 2.0, alpha: float = 0.5,
-                 temperature_schedule: dict | None = None, alpha_schedule: dict | None = None,
-                 hidden_weight: float = 0.0, use_cache: bool = True, cache_dir: str | None = None,
-                 fill_batch_size: int = 32, teacher_sha256: str | None = None, teacher_params: int | None = None,
-                 attn_implementation: str | None = None):
+    def __init__(
+        self,
+        teacher: Any,
+        task: str,
+        temperature: float = 2.0,
+        alpha: float = 0.5,
+        temperature_schedule: dict | None = None,
+        alpha_schedule: dict | None = None,
+        hidden_weight: float = 0.0,
+        use_cache: bool = True,
+        cache_dir: str | None = None,
+        fill_batch_size: int = 32,
+        teacher_sha256: str | None = None,
+        teacher_params: int | None = None,
+        attn_implementation: str | None = None,
+    ):
         problems = []
         if not temperature > 0:
             problems.append(f"distill.temperature must be > 0, got {temperature}")
@@ -97,7 +110,11 @@ class KnowledgeDistillation(Callback):
         if self.temperature.end is not None and not self.temperature.end > 0:
             raise ValueError(f"distill.temperature_schedule.end must be > 0, got {self.temperature.end}.")
         self.hidden_weight, self.use_cache = float(hidden_weight), bool(use_cache)
-        self.cache_dir, self.fill_batch_size, self.teacher_sha256 = cache_dir, int(fill_batch_size), teacher_sha256
+        self.cache_dir, self.fill_batch_size, self.teacher_sha256 = (
+            cache_dir,
+            int(fill_batch_size),
+            teacher_sha256,
+        )
         self.kd_loss = KLDivergenceLoss()
         self.teacher: torch.nn.Module | None = None  # only while filling, or for use_cache=False
         self.outputs: dict[str, dict[str, torch.Tensor]] = {}  # split -> cached teacher outputs
@@ -118,8 +135,11 @@ class KnowledgeDistillation(Callback):
             return
         if self.hidden_weight > 0 and not hasattr(pl_module, "distill_hidden"):
             student_width = pl_module.model.config.hidden_size
-            teacher_width = (self.outputs["train"]["hidden"].shape[-1] if self.use_cache
-                             else self.teacher.config.hidden_size)
+            teacher_width = (
+                self.outputs["train"]["hidden"].shape[-1]
+                if self.use_cache
+                else self.teacher.config.hidden_size
+            )
             # On the module, so it is checkpointed and moved with it; on_fit_start gives it to the optimizer.
             pl_module.distill_hidden = HiddenStateLoss(student_width, teacher_width)
         if self.hidden_weight > 0:
@@ -127,8 +147,11 @@ class KnowledgeDistillation(Callback):
             self._hook = norm.register_forward_hook(self._keep_student_hidden)
         pl_module.extra_losses = self.extra_losses
         self._module = pl_module
-        print(f"Distilling from {self.teacher_spec}: T={self.temperature}, alpha={self.alpha}, "
-              f"hidden_weight={self.hidden_weight}, cache={'on' if self.use_cache else 'off'}", flush=True)
+        print(
+            f"Distilling from {self.teacher_spec}: T={self.temperature}, alpha={self.alpha}, "
+            f"hidden_weight={self.hidden_weight}, cache={'on' if self.use_cache else 'off'}",
+            flush=True,
+        )
 
     def _prepare_outputs(self, trainer, pl_module, splits: list[str]) -> None:
         dm = trainer.datamodule
@@ -140,8 +163,14 @@ class KnowledgeDistillation(Callback):
         if not self.use_cache:
             self.teacher.to(trainer.strategy.root_device)
             return
-        cache = TeacherCache(Path(self.cache_dir) if self.cache_dir else _default_cache_root(), self.teacher_sha256,
-                             self.task, dm.max_length, str(trainer.precision), with_hidden=self.hidden_weight > 0)
+        cache = TeacherCache(
+            Path(self.cache_dir) if self.cache_dir else _default_cache_root(),
+            self.teacher_sha256,
+            self.task,
+            dm.max_length,
+            str(trainer.precision),
+            with_hidden=self.hidden_weight > 0,
+        )
         for split in needed:
             ids = dm.splits[split].input_ids
             entry = cache.load(split, ids)
@@ -150,15 +179,26 @@ class KnowledgeDistillation(Callback):
                     self._load_teacher(dm.label_names)
                 self.teacher.to(trainer.strategy.root_device)
                 started = time.perf_counter()
-                entry = cache.fill(self.teacher, split, ids, dm.tokenizer.pad_token_id, self.fill_batch_size,
-                                   trainer.precision_plugin.forward_context, trainer.strategy.root_device,
-                                   log=lambda msg: print(msg, flush=True))
+                entry = cache.fill(
+                    self.teacher,
+                    split,
+                    ids,
+                    dm.tokenizer.pad_token_id,
+                    self.fill_batch_size,
+                    trainer.precision_plugin.forward_context,
+                    trainer.strategy.root_device,
+                    log=lambda msg: print(msg, flush=True),
+                )
                 self.cache_fill_seconds += time.perf_counter() - started
             else:
-                print(f"Teacher outputs [{self.task}/{split}]: read from {cache.path(split, ids)}", flush=True)
+                print(
+                    f"Teacher outputs [{self.task}/{split}]: read from {cache.path(split, ids)}", flush=True
+                )
             if entry["logits"].shape[-1] != len(dm.label_names):
-                raise ValueError(f"The teacher has {entry['logits'].shape[-1]} outputs but the task has "
-                                 f"{len(dm.label_names)} labels {dm.label_names}; use a teacher for this task.")
+                raise ValueError(
+                    f"The teacher has {entry['logits'].shape[-1]} outputs but the task has "
+                    f"{len(dm.label_names)} labels {dm.label_names}; use a teacher for this task."
+                )
             self.outputs[split] = entry
         self.teacher = None  # the cache has every example: free the teacher's memory
         gc.collect()
@@ -170,8 +210,10 @@ class KnowledgeDistillation(Callback):
         self.teacher_params = sum(p.numel() for p in self.teacher.parameters())
         sha = weights_sha256(self.teacher)
         if self.teacher_sha256 not in (None, sha):
-            raise ValueError(f"The teacher at {self.teacher_spec} changed since the student was built "
-                             f"(weights sha256 {sha[:12]}, expected {self.teacher_sha256[:12]}).")
+            raise ValueError(
+                f"The teacher at {self.teacher_spec} changed since the student was built "
+                f"(weights sha256 {sha[:12]}, expected {self.teacher_sha256[:12]})."
+            )
         self.teacher_sha256 = sha
 
     @override
@@ -180,7 +222,9 @@ class KnowledgeDistillation(Callback):
         params = [p for p in proj.parameters() if p.requires_grad] if proj is not None else []
         if params and trainer.optimizers:
             optimizer = trainer.optimizers[0]
-            optimizer.add_param_group({"params": params, "weight_decay": 0.0, "lr": optimizer.param_groups[0]["lr"]})
+            optimizer.add_param_group(
+                {"params": params, "weight_decay": 0.0, "lr": optimizer.param_groups[0]["lr"]}
+            )
             _extend_schedulers(trainer, optimizer)
 
     @override
@@ -206,26 +250,33 @@ class KnowledgeDistillation(Callback):
             device = batch["input_ids"].device
             hidden = entry["hidden"][index].to(device) if "hidden" in entry else None
             return entry["logits"][index].to(device), hidden
-        return teacher_outputs(self.teacher, batch["input_ids"], batch["attention_mask"], self.hidden_weight > 0)
+        return teacher_outputs(
+            self.teacher, batch["input_ids"], batch["attention_mask"], self.hidden_weight > 0
+        )
 
     def extra_losses(self, logits: torch.Tensor, batch: dict, ce: torch.Tensor) -> dict[str, torch.Tensor]:
         """`{"kd", "ce", ["hidden"], "loss"}` for one training batch; "loss" is the total."""
         pl_module = self._module
         trainer = pl_module._trainer if pl_module is not None else None
-        progress = trainer.global_step / max(1, trainer.estimated_stepping_batches) if trainer is not None else 0.0
+        progress = (
+            trainer.global_step / max(1, trainer.estimated_stepping_batches) if trainer is not None else 0.0
+        )
         temperature, alpha = self.temperature(progress), self.alpha(progress)
         teacher_logits, teacher_hidden = self.teacher_batch("train", batch)
         kd = self.kd_loss(logits, teacher_logits, temperature)
         terms = {"kd": kd, "ce": ce}
         total = alpha * kd + (1 - alpha) * ce
         if self.hidden_weight > 0:
-            student = pooled_last_token(self._student_hidden, batch["input_ids"], pl_module.model.config.pad_token_id)
+            student = pooled_last_token(
+                self._student_hidden, batch["input_ids"], pl_module.model.config.pad_token_id
+            )
             terms["hidden"] = pl_module.distill_hidden(student, teacher_hidden)
             total = total + self.hidden_weight * terms["hidden"]
         terms["loss"] = total
         if pl_module is not None and trainer is not None:
-            pl_module.log_dict({"distill/temperature": temperature, "distill/alpha": alpha}, on_step=True,
-                               on_epoch=False)
+            pl_module.log_dict(
+                {"distill/temperature": temperature, "distill/alpha": alpha}, on_step=True, on_epoch=False
+            )
         return terms
 
     # ---- the teacher's test metrics, beside the student's ----
@@ -233,9 +284,13 @@ class KnowledgeDistillation(Callback):
     @override
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         n = len(trainer.datamodule.label_names)
-        self._teacher_metrics = MetricCollection({
-            "acc": MulticlassAccuracy(n, average="micro"), "f1_macro": MulticlassF1Score(n, average="macro"),
-        }, prefix="teacher/test/").to(pl_module.device)
+        self._teacher_metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(n, average="micro"),
+                "f1_macro": MulticlassF1Score(n, average="macro"),
+            },
+            prefix="teacher/test/",
+        ).to(pl_module.device)
 
     @override
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:

@@ -23,7 +23,9 @@ def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, list[nn.M
     wrapped by peft."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not (hasattr(base, "model") and hasattr(base, "score")):
-        raise TypeError(f"Expected a *ForSequenceClassification with .model and .score, got {type(base).__name__}")
+        raise TypeError(
+            f"Expected a *ForSequenceClassification with .model and .score, got {type(base).__name__}"
+        )
     return base.model.embed_tokens, base.model.layers, [base.model.norm, base.score]
 
 
@@ -62,8 +64,14 @@ class LayerFreeze(BaseFinetuning):
 class GradualUnfreeze(LayerFreeze):
     """Unfreeze `layers_per_step` more layers top-down every `every_n_epochs` epochs."""
 
-    def __init__(self, trainable_layers: int = 2, layers_per_step: int = 2, every_n_epochs: int = 1,
-                 freeze_embeddings: bool = True, lr_factor: float = 1.0):
+    def __init__(
+        self,
+        trainable_layers: int = 2,
+        layers_per_step: int = 2,
+        every_n_epochs: int = 1,
+        freeze_embeddings: bool = True,
+        lr_factor: float = 1.0,
+    ):
         super().__init__(trainable_layers, freeze_embeddings)
         if layers_per_step < 1 or every_n_epochs < 1:
             raise ValueError(

@@ -22,8 +22,9 @@ class KLDivergenceLoss(nn.Module):
     It is 0 exactly when the two distributions agree.
     """
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                temperature: float = 1.0) -> torch.Tensor:
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+    ) -> torch.Tensor:
         """
         Args:
             student_logits: (batch, num_labels), any float dtype.
@@ -47,7 +48,9 @@ class HiddenStateLoss(nn.Module):
 
     def __init__(self, student_width: int, teacher_width: int):
         super().__init__()
-        self.proj = nn.Identity() if student_width == teacher_width else nn.Linear(student_width, teacher_width)
+        self.proj = (
+            nn.Identity() if student_width == teacher_width else nn.Linear(student_width, teacher_width)
+        )
 
     def forward(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
         """
@@ -75,13 +78,17 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
-            raise ValueError(f"schedule shape={self.shape!r} is not one of {SHAPES} "
-                             "(distill.temperature_schedule.shape / distill.alpha_schedule.shape).")
+            raise ValueError(
+                f"schedule shape={self.shape!r} is not one of {SHAPES} "
+                "(distill.temperature_schedule.shape / distill.alpha_schedule.shape)."
+            )
         if self.shape != "constant" and self.end is None:
             raise ValueError(f"a {self.shape} schedule needs `end` (distill.*_schedule.end).")
 
     def __str__(self) -> str:
-        return f"{self.start:g}" if self.shape == "constant" else f"{self.start:g}->{self.end:g} ({self.shape})"
+        return (
+            f"{self.start:g}" if self.shape == "constant" else f"{self.start:g}->{self.end:g} ({self.shape})"
+        )
 
     def __call__(self, progress: float) -> float:
         if self.shape == "constant" or self.end is None:
@@ -92,7 +99,9 @@ class Schedule:
         return self.start + (self.end - self.start) * p
 
 
-def pooled_last_token(hidden: torch.Tensor, input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+def pooled_last_token(
+    hidden: torch.Tensor, input_ids: torch.Tensor, pad_token_id: int | None
+) -> torch.Tensor:
     """The hidden state the classifier head reads: the rightmost non-pad token, as
     `GenericForSequenceClassification` picks it.
 

@@ -48,8 +48,14 @@ METHODS = ("none", "magnitude", "structured", "depth")
 class MagnitudePruning(Callback):
     """Unstructured pruning on a schedule; weights stay plain tensors (zeros), masks live here."""
 
-    def __init__(self, schedule: SparsitySchedule, importance: str = "l1", scope: str = "global",
-                 seed: int = 0, log_per_layer: bool = True):
+    def __init__(
+        self,
+        schedule: SparsitySchedule,
+        importance: str = "l1",
+        scope: str = "global",
+        seed: int = 0,
+        log_per_layer: bool = True,
+    ):
         if importance not in IMPORTANCES:
             raise ValueError(f"prune.importance={importance!r} is not one of {IMPORTANCES}.")
         if scope not in SCOPES:
@@ -82,7 +88,9 @@ class MagnitudePruning(Callback):
         pl_module.log("prune/sparsity", report.pop("overall"), on_step=True, on_epoch=False)
         pl_module.log("prune/target_sparsity", self.sparsity, on_step=True, on_epoch=False)
         if self.log_per_layer:
-            pl_module.log_dict({f"prune/sparsity_{k}": v for k, v in report.items()}, on_step=True, on_epoch=False)
+            pl_module.log_dict(
+                {f"prune/sparsity_{k}": v for k, v in report.items()}, on_step=True, on_epoch=False
+            )
 
     @override
     def on_train_end(self, trainer, pl_module) -> None:
@@ -95,9 +103,12 @@ class MagnitudePruning(Callback):
     def on_test_start(self, trainer, pl_module) -> None:
         measured = sparsity_report(prunable_weights(pl_module.model))["overall"]
         if measured < self.schedule.final_sparsity - 1e-3:
-            log.warning("The tested checkpoint has sparsity %.3f, below the final %.3f: it was saved before "
-                        "the schedule ended. Set prune.schedule.end_step earlier or test the last weights.",
-                        measured, self.schedule.final_sparsity)
+            log.warning(
+                "The tested checkpoint has sparsity %.3f, below the final %.3f: it was saved before "
+                "the schedule ended. Set prune.schedule.end_step earlier or test the last weights.",
+                measured,
+                self.schedule.final_sparsity,
+            )
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -123,7 +134,9 @@ def _resumed_state(trainer, callback: Callback) -> dict | None:
 def _task_batches(trainer, pl_module, n: int) -> list[dict]:
     datamodule = trainer.datamodule
     if datamodule is None:
-        raise ValueError("Structured/depth pruning measures importance on task data: pass a datamodule to fit.")
+        raise ValueError(
+            "Structured/depth pruning measures importance on task data: pass a datamodule to fit."
+        )
     datamodule.setup("fit")
     batches = []
     for batch in datamodule.train_dataloader():
@@ -142,8 +155,14 @@ class StructuredPruning(Callback):
 
     reshapes_model = True  # train.py runs it before the freezing callbacks
 
-    def __init__(self, mlp_sparsity: float = 0.5, remove_heads: int = 0, heads_mode: str = "query",
-                 importance: str = "activation", batches: int = 8):
+    def __init__(
+        self,
+        mlp_sparsity: float = 0.5,
+        remove_heads: int = 0,
+        heads_mode: str = "query",
+        importance: str = "activation",
+        batches: int = 8,
+    ):
         problems = []
         for check in (lambda: check_sparsity(mlp_sparsity, "prune.mlp_sparsity"),):
             try:
@@ -175,14 +194,23 @@ class StructuredPruning(Callback):
             self.plan = WidthPlan(**resumed["plan"])
         else:
             check_width_args(model.config, self.mlp_sparsity, self.remove_heads, self.heads_mode)
-            mlp, heads = width_importance(model, _task_batches(trainer, pl_module, self.batches), self.importance)
-            self.plan = plan_width(mlp, heads, model.config, self.mlp_sparsity, self.remove_heads, self.heads_mode)
+            mlp, heads = width_importance(
+                model, _task_batches(trainer, pl_module, self.batches), self.importance
+            )
+            self.plan = plan_width(
+                mlp, heads, model.config, self.mlp_sparsity, self.remove_heads, self.heads_mode
+            )
         before = _count(model)
         shrink_width(model, self.plan)
         self.applied = True
-        log.info("Structured pruning: %d -> %d parameters (intermediate_size=%d, heads=%d, kv_heads=%d)",
-                 before, _count(model), model.config.intermediate_size, model.config.num_attention_heads,
-                 model.config.num_key_value_heads)
+        log.info(
+            "Structured pruning: %d -> %d parameters (intermediate_size=%d, heads=%d, kv_heads=%d)",
+            before,
+            _count(model),
+            model.config.intermediate_size,
+            model.config.num_attention_heads,
+            model.config.num_key_value_heads,
+        )
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -240,13 +268,21 @@ def pruning_callbacks(cfg) -> list[Callback]:
     if p.method not in METHODS:
         raise ValueError(f"prune.method={p.method!r} is not one of {METHODS} (config group `prune=`).")
     if cfg.finetune.method == "lora" and p.method in ("structured", "depth"):
-        raise ValueError(f"prune={p.method} changes tensor shapes and cannot run with finetune=lora; "
-                         "use finetune=full or finetune=freeze.")
+        raise ValueError(
+            f"prune={p.method} changes tensor shapes and cannot run with finetune=lora; "
+            "use finetune=full or finetune=freeze."
+        )
     if p.method == "magnitude":
         s = p.schedule
-        schedule = SparsitySchedule(kind=s.kind, final_sparsity=p.sparsity, initial_sparsity=s.initial_sparsity,
-                                    start_step=s.start_step, end_step=s.end_step, frequency=s.frequency,
-                                    epochs=list(s.epochs))
+        schedule = SparsitySchedule(
+            kind=s.kind,
+            final_sparsity=p.sparsity,
+            initial_sparsity=s.initial_sparsity,
+            start_step=s.start_step,
+            end_step=s.end_step,
+            frequency=s.frequency,
+            epochs=list(s.epochs),
+        )
         return [MagnitudePruning(schedule, p.importance, p.scope, p.seed, p.log_per_layer)]
     if p.method == "structured":
         return [StructuredPruning(p.mlp_sparsity, p.remove_heads, p.heads_mode, p.importance, p.batches)]

@@ -34,8 +34,9 @@ def token_ids_sha256(input_ids: list[list[int]]) -> str:
 
 
 @torch.no_grad()
-def teacher_outputs(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    with_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def teacher_outputs(
+    teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_hidden: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One teacher forward.
 
     Args:
@@ -72,10 +73,22 @@ class TeacherCache:
         with_hidden: also store pooled hidden states (for the hidden-state term).
     """
 
-    def __init__(self, root: Path, teacher_sha256: str, task: str, max_length: int, precision: str,
-                 with_hidden: bool = False):
+    def __init__(
+        self,
+        root: Path,
+        teacher_sha256: str,
+        task: str,
+        max_length: int,
+        precision: str,
+        with_hidden: bool = False,
+    ):
         self.root, self.teacher_sha256 = Path(root), teacher_sha256
-        self.task, self.max_length, self.precision, self.with_hidden = task, max_length, precision, with_hidden
+        self.task, self.max_length, self.precision, self.with_hidden = (
+            task,
+            max_length,
+            precision,
+            with_hidden,
+        )
 
     def path(self, split: str, input_ids: list[list[int]]) -> Path:
         data = token_ids_sha256(input_ids)[:16]
@@ -93,9 +106,17 @@ class TeacherCache:
             return None  # a hash-prefix collision or a foreign file: recompute rather than trust it
         return entry
 
-    def fill(self, teacher: nn.Module, split: str, input_ids: list[list[int]], pad_token_id: int,
-             batch_size: int, forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
-             device: torch.device | str = "cpu", log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
+    def fill(
+        self,
+        teacher: nn.Module,
+        split: str,
+        input_ids: list[list[int]],
+        pad_token_id: int,
+        batch_size: int,
+        forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+        device: torch.device | str = "cpu",
+        log: Callable[[str], None] = print,
+    ) -> dict[str, torch.Tensor]:
         """Run the teacher once over every example (shortest first, so batches barely pad) and
         write the file atomically. Prints progress about every 10%."""
         n = len(input_ids)

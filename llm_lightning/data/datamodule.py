@@ -44,8 +44,15 @@ class LengthGroupedBatches(Sampler[list[int]]):
     step trains on the same examples as a single process with the global batch would.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, window: int = 50,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        seed: int,
+        window: int = 50,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.lengths, self.batch_size, self.seed, self.window = lengths, batch_size, seed, window
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
@@ -107,8 +114,17 @@ def collate(pad_id: int):
 
 
 class ClassificationDataModule(L.LightningDataModule):
-    def __init__(self, data: TaskData, tokenizer, max_length: int, batch_size: int, eval_batch_size: int,
-                 seed: int, group_by_length: bool = True, num_workers: int = 0):
+    def __init__(
+        self,
+        data: TaskData,
+        tokenizer,
+        max_length: int,
+        batch_size: int,
+        eval_batch_size: int,
+        seed: int,
+        group_by_length: bool = True,
+        num_workers: int = 0,
+    ):
         super().__init__()
         self.data, self.tokenizer = data, tokenizer
         self.max_length, self.batch_size, self.eval_batch_size = max_length, batch_size, eval_batch_size
@@ -125,13 +141,18 @@ class ClassificationDataModule(L.LightningDataModule):
             for name in ("train", "val", "test"):
                 self.splits[name] = TokenizedSplit(getattr(self.data, name), self.tokenizer, self.max_length)
 
-    def _loader(self, split: TokenizedSplit, loader_cls: type[DataLoader] = DataLoader, **kwargs) -> DataLoader:
-        return loader_cls(split, collate_fn=collate(self.tokenizer.pad_token_id),
-                          num_workers=self.num_workers, **kwargs)
+    def _loader(
+        self, split: TokenizedSplit, loader_cls: type[DataLoader] = DataLoader, **kwargs
+    ) -> DataLoader:
+        return loader_cls(
+            split, collate_fn=collate(self.tokenizer.pad_token_id), num_workers=self.num_workers, **kwargs
+        )
 
     def _train_position(self) -> int:
         """Batches of the current epoch the fit loop has taken; checkpoints keep it for exact resume."""
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer is not None else 0
+        return (
+            self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer is not None else 0
+        )
 
     def _train_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
@@ -141,12 +162,18 @@ class ClassificationDataModule(L.LightningDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         if self.group_by_length:
-            self._sampler = LengthGroupedBatches(split.lengths(), self.batch_size, self.seed,
-                                                 rank=rank, world_size=world)
+            self._sampler = LengthGroupedBatches(
+                split.lengths(), self.batch_size, self.seed, rank=rank, world_size=world
+            )
             if trainer is not None:
                 self._sampler.set_epoch(trainer.current_epoch)
-            return self._loader(split, ResumableLoader, batch_sampler=self._sampler, position=self._train_position,
-                                epoch=self._train_epoch)
+            return self._loader(
+                split,
+                ResumableLoader,
+                batch_sampler=self._sampler,
+                position=self._train_position,
+                epoch=self._train_epoch,
+            )
         if world > 1:  # trainer.use_distributed_sampler is off (for the grouped sampler): shard here
             sampler = DistributedSampler(split, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
             return self._loader(split, batch_size=self.batch_size, sampler=sampler)

@@ -19,7 +19,9 @@ def read_rows(path: str | Path, encoding: str = "utf-8") -> list[dict]:
     """Rows of a .csv, .tsv or .jsonl file as dicts keyed by column name."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise TaskDataError(f"Data file not found: {path} (config key task.path / task.val_path / task.test_path).")
+        raise TaskDataError(
+            f"Data file not found: {path} (config key task.path / task.val_path / task.test_path)."
+        )
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         raise TaskDataError(f"Unsupported data file type {suffix!r} for {path}; use one of {FORMATS}.")

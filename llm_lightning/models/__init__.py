@@ -33,7 +33,9 @@ def load_classifier(model_cfg, label_names: Sequence[str]) -> tuple[PreTrainedMo
     if source == "smollm2":
         from llm_lightning.models.smollm2 import converted_dir
 
-        return _from_pretrained(str(converted_dir()), label_names, attn_implementation=model_cfg.get("attn_implementation"))
+        return _from_pretrained(
+            str(converted_dir()), label_names, attn_implementation=model_cfg.get("attn_implementation")
+        )
     if source == "hf":
         if not model_cfg.get("name_or_path"):
             raise ValueError("model=hf needs model.name_or_path=<hub id or local directory>.")
@@ -64,8 +66,9 @@ def load_classifier(model_cfg, label_names: Sequence[str]) -> tuple[PreTrainedMo
     raise ValueError(f"Unknown model.source={source!r}; choose one of {SOURCES} (config group `model=`).")
 
 
-def _from_pretrained(name_or_path: str, label_names: Sequence[str], attn_implementation: str | None = None,
-                     **kwargs):
+def _from_pretrained(
+    name_or_path: str, label_names: Sequence[str], attn_implementation: str | None = None, **kwargs
+):
     if Path(name_or_path).expanduser().exists():
         name_or_path = str(Path(name_or_path).expanduser())
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -100,5 +103,7 @@ def load_exported(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTok
             "Pass the `model/` folder of a run, e.g. outputs/sentiment/<date>/<time>/model."
         )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, dtype=torch.float32, use_safetensors=True
+    )
     return _with_pad_token(model, tokenizer)

@@ -51,8 +51,10 @@ def _load_weights(model, state_dict: dict, ckpt: Path) -> None:
     weights = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{ckpt} does not fit the model its run config describes: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}.")
+        raise ValueError(
+            f"{ckpt} does not fit the model its run config describes: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
 
 
 def _run_config(ckpt: Path):

@@ -19,8 +19,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from llm_lightning.models import load_classifier
 
 
-def load_teacher(spec, label_names: Sequence[str], attn_implementation: str | None = None
-                 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_teacher(
+    spec, label_names: Sequence[str], attn_implementation: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The teacher named by `distill.teacher`, frozen and in eval mode.
 
     Args:
@@ -32,12 +33,16 @@ def load_teacher(spec, label_names: Sequence[str], attn_implementation: str | No
     """
     if isinstance(spec, (Mapping, DictConfig)):
         if "source" not in spec:
-            raise ValueError(f"distill.teacher={_show(spec)} is a mapping without `source`; give a model source "
-                             "like conf/model/*.yaml ({source: hf, name_or_path: ...}) or a path.")
+            raise ValueError(
+                f"distill.teacher={_show(spec)} is a mapping without `source`; give a model source "
+                "like conf/model/*.yaml ({source: hf, name_or_path: ...}) or a path."
+            )
         teacher, tokenizer = load_classifier(spec, label_names)
     else:
         if not spec or spec == "???":
-            raise ValueError("distill=kd needs distill.teacher=<a run's model/ folder, a .ckpt, or a model source>.")
+            raise ValueError(
+                "distill=kd needs distill.teacher=<a run's model/ folder, a .ckpt, or a model source>."
+            )
         path = Path(str(spec)).expanduser()
         if not path.exists():
             raise FileNotFoundError(
@@ -68,24 +73,32 @@ def check_same_tokenizer(teacher_tok: PreTrainedTokenizerBase, student_tok: PreT
     if t_vocab != s_vocab:
         only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
         only_s = sorted(set(s_vocab) - set(t_vocab))[:5]
-        problems.append(f"vocabularies differ ({len(t_vocab)} vs {len(s_vocab)} tokens; only in the teacher: "
-                        f"{only_t}, only in the student: {only_s})")
+        problems.append(
+            f"vocabularies differ ({len(t_vocab)} vs {len(s_vocab)} tokens; only in the teacher: "
+            f"{only_t}, only in the student: {only_s})"
+        )
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(teacher_tok, attr) != getattr(student_tok, attr):
-            problems.append(f"{attr} is {getattr(teacher_tok, attr)} for the teacher, "
-                            f"{getattr(student_tok, attr)} for the student")
+            problems.append(
+                f"{attr} is {getattr(teacher_tok, attr)} for the teacher, "
+                f"{getattr(student_tok, attr)} for the student"
+            )
     if problems:
-        raise ValueError("The teacher and student use different tokenizers: " + "; ".join(problems) + ". "
-                         "Pick a student with the teacher's tokenizer (`model=`), or build it from the teacher "
-                         "with distill.student.from_teacher=true.")
+        raise ValueError(
+            "The teacher and student use different tokenizers: " + "; ".join(problems) + ". "
+            "Pick a student with the teacher's tokenizer (`model=`), or build it from the teacher "
+            "with distill.student.from_teacher=true."
+        )
 
 
 def evenly_spaced(total: int, keep: int) -> list[int]:
     """`keep` of `total` layer indices, spread evenly and always ending with the last layer (it feeds
     the norm and head the student copies). 30 -> 15 keeps 0, 2, 4, ..., 14, 17, ..., 27, 29."""
     if not 1 <= keep <= total:
-        raise ValueError(f"distill.student.num_layers={keep} is out of range: the teacher has {total} decoder "
-                         f"layers; choose 1..{total}, or list them with distill.student.keep_layers.")
+        raise ValueError(
+            f"distill.student.num_layers={keep} is out of range: the teacher has {total} decoder "
+            f"layers; choose 1..{total}, or list them with distill.student.keep_layers."
+        )
     if keep == 1:
         return [total - 1]
     return [round(i * (total - 1) / (keep - 1)) for i in range(keep)]
@@ -95,8 +108,10 @@ def check_keep_layers(keep_layers: Sequence[int], total: int) -> list[int]:
     keep = [int(i) for i in keep_layers]
     bad = [i for i in keep if not 0 <= i < total]
     if not keep or bad:
-        raise ValueError(f"distill.student.keep_layers={keep} is out of range: {bad or 'empty'}; the teacher has "
-                         f"{total} decoder layers, so valid indices are 0..{total - 1}.")
+        raise ValueError(
+            f"distill.student.keep_layers={keep} is out of range: {bad or 'empty'}; the teacher has "
+            f"{total} decoder layers, so valid indices are 0..{total - 1}."
+        )
     if len(set(keep)) != len(keep):
         raise ValueError(f"distill.student.keep_layers={keep} repeats a layer; list each index once.")
     return keep
@@ -137,14 +152,18 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def build_student(cfg: DictConfig, label_names: Sequence[str]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def build_student(
+    cfg: DictConfig, label_names: Sequence[str]
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The student for `distill=kd`: from the teacher's layers, or the `model=` source.
 
     Records what it did in the config (`distill.student.keep_layers`, `distill.teacher_sha256`),
     so the run's saved config and TensorBoard hparams say which layers were kept.
     """
     # The student copies the teacher's config, so it gets the `model=` group's attention kernel.
-    teacher, teacher_tok = load_teacher(cfg.distill.teacher, label_names, cfg.model.get("attn_implementation"))
+    teacher, teacher_tok = load_teacher(
+        cfg.distill.teacher, label_names, cfg.model.get("attn_implementation")
+    )
     student_cfg = cfg.distill.student
     with open_dict(cfg):
         cfg.distill.teacher_sha256 = weights_sha256(teacher)

@@ -8,6 +8,14 @@ from llm_lightning.pruning.schedule import SparsitySchedule
 from llm_lightning.pruning.structured import WidthPlan, plan_width, shrink_width, width_importance
 
 __all__ = [
-    "SparsitySchedule", "WidthPlan", "block_influence", "compute_masks", "drop_layers", "plan_width",
-    "prunable_weights", "shrink_width", "sparsity_report", "width_importance",
+    "SparsitySchedule",
+    "WidthPlan",
+    "block_influence",
+    "compute_masks",
+    "drop_layers",
+    "plan_width",
+    "prunable_weights",
+    "shrink_width",
+    "sparsity_report",
+    "width_importance",
 ]

@@ -18,8 +18,10 @@ from llm_lightning.pruning.structured import llama_of
 
 def check_remove_layers(num_layers: int, remove_layers: int) -> None:
     if not isinstance(remove_layers, int) or not 0 <= remove_layers < num_layers:
-        raise ValueError(f"prune.remove_layers={remove_layers!r} but the model has {num_layers} decoder layers "
-                         f"and at least one must stay; choose 0..{num_layers - 1}.")
+        raise ValueError(
+            f"prune.remove_layers={remove_layers!r} but the model has {num_layers} decoder layers "
+            f"and at least one must stay; choose 0..{num_layers - 1}."
+        )
 
 
 @torch.no_grad()
@@ -35,6 +37,7 @@ def block_influence(model: nn.Module, batches: Iterable[dict]) -> torch.Tensor:
             h_out = output[0] if isinstance(output, tuple) else output
             cos = nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
             total[i] += ((1 - cos) * state["mask"]).sum().double().cpu()
+
         return hook
 
     handles = [layer.register_forward_hook(watch(i), with_kwargs=True) for i, layer in enumerate(layers)]

@@ -40,9 +40,14 @@ def _scores(name: str, weight: torch.Tensor, importance: str, seed: int) -> torc
     return torch.rand(weight.shape, generator=gen)
 
 
-def compute_masks(weights: dict[str, torch.Tensor], sparsity: float, importance: str = "l1",
-                  scope: str = "global", previous: dict[str, torch.Tensor] | None = None,
-                  seed: int = 0) -> dict[str, torch.Tensor]:
+def compute_masks(
+    weights: dict[str, torch.Tensor],
+    sparsity: float,
+    importance: str = "l1",
+    scope: str = "global",
+    previous: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """Boolean keep-masks (True = kept) removing exactly `round(sparsity * n)` weights.
 
     Weights already pruned (`previous[name]` False) score lowest and stay pruned, so masks

@@ -15,8 +15,10 @@ KINDS = ("one_shot", "epochs", "cubic")
 def check_sparsity(value: float, key: str) -> float:
     """Sparsity is a fraction of weights removed: 0 keeps all, 1 would remove everything."""
     if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{key}={value!r} is outside [0, 1): it is the fraction of weights removed "
-                         f"(0.5 removes half). Change `{key}`.")
+        raise ValueError(
+            f"{key}={value!r} is outside [0, 1): it is the fraction of weights removed "
+            f"(0.5 removes half). Change `{key}`."
+        )
     return float(value)
 
 
@@ -47,8 +49,10 @@ class SparsitySchedule:
         problems = []
         if self.kind not in KINDS:
             problems.append(f"prune.schedule.kind={self.kind!r} is not one of {KINDS}")
-        for key, value in (("prune.sparsity", self.final_sparsity),
-                           ("prune.schedule.initial_sparsity", self.initial_sparsity)):
+        for key, value in (
+            ("prune.sparsity", self.final_sparsity),
+            ("prune.schedule.initial_sparsity", self.initial_sparsity),
+        ):
             try:
                 check_sparsity(value, key)
             except ValueError as e:
@@ -76,7 +80,9 @@ class SparsitySchedule:
             reached = sum(1 for e in self.epochs if epoch >= e)
             return self.final_sparsity * reached / len(self.epochs)
         if self.end_step is None:
-            raise RuntimeError("SparsitySchedule.resolve(total_steps) must run before a cubic schedule is used.")
+            raise RuntimeError(
+                "SparsitySchedule.resolve(total_steps) must run before a cubic schedule is used."
+            )
         if step < self.start_step:
             return self.initial_sparsity
         span = self.end_step - self.start_step

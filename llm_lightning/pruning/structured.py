@@ -47,10 +47,14 @@ class WidthPlan:
 def llama_of(model: nn.Module) -> nn.Module:
     """The `LlamaModel` inside a `*ForSequenceClassification` (peft wrappers refused)."""
     if hasattr(model, "get_base_model"):
-        raise TypeError("Structured and depth pruning change tensor shapes and cannot run on a LoRA "
-                        "(peft) model; use finetune=full or finetune=freeze with prune=structured/depth.")
+        raise TypeError(
+            "Structured and depth pruning change tensor shapes and cannot run on a LoRA "
+            "(peft) model; use finetune=full or finetune=freeze with prune=structured/depth."
+        )
     if not hasattr(model, "model") or not hasattr(model.model, "layers"):
-        raise TypeError(f"Expected a Llama-style *ForSequenceClassification (.model.layers), got {type(model).__name__}.")
+        raise TypeError(
+            f"Expected a Llama-style *ForSequenceClassification (.model.layers), got {type(model).__name__}."
+        )
     return model.model
 
 
@@ -68,19 +72,29 @@ def check_width_args(config, mlp_sparsity: float, remove_heads: int, heads_mode:
     step = kv if heads_mode == "query" else per_group
     valid = list(range(0, heads, step))
     if not 0 <= remove_heads < heads:
-        problems.append(f"prune.remove_heads={remove_heads} but each layer has {heads} query heads and one "
-                        f"must stay; valid for heads_mode={heads_mode}: {valid}.")
+        problems.append(
+            f"prune.remove_heads={remove_heads} but each layer has {heads} query heads and one "
+            f"must stay; valid for heads_mode={heads_mode}: {valid}."
+        )
     elif heads_mode in HEAD_MODES and remove_heads % step:
-        how = (f"removing evenly within the {kv} groups needs a multiple of {kv}" if heads_mode == "query"
-               else f"removing whole groups needs a multiple of the group size {per_group}")
-        problems.append(f"prune.remove_heads={remove_heads} breaks the GQA grouping ({heads} query heads share "
-                        f"{kv} KV heads): {how}. Valid: {valid}; or change prune.heads_mode.")
+        how = (
+            f"removing evenly within the {kv} groups needs a multiple of {kv}"
+            if heads_mode == "query"
+            else f"removing whole groups needs a multiple of the group size {per_group}"
+        )
+        problems.append(
+            f"prune.remove_heads={remove_heads} breaks the GQA grouping ({heads} query heads share "
+            f"{kv} KV heads): {how}. Valid: {valid}; or change prune.heads_mode."
+        )
     if problems:
         raise ValueError("Bad structured pruning request:\n  " + "\n  ".join(problems))
 
 
-def width_importance(model: nn.Module, batches: Iterable[dict], method: str = "activation",
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def width_importance(
+    model: nn.Module,
+    batches: Iterable[dict],
+    method: str = "activation",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Importance of every MLP neuron and query head, from task batches.
 
     `activation`: mean over real tokens of the unit's contribution to the residual stream,
@@ -116,6 +130,7 @@ def width_importance(model: nn.Module, batches: Iterable[dict], method: str = "a
                     w = module.weight.view(module.out_features, n_heads, head_dim)
                     contrib = torch.einsum("bthd,ohd->btho", a.view(*a.shape[:2], n_heads, head_dim), w)
                     heads[i] += (contrib.norm(dim=-1) * mask).sum((0, 1)).float().cpu()
+
         return hook
 
     def _taylor(i, kind, a, g, mask):
@@ -137,7 +152,9 @@ def width_importance(model: nn.Module, batches: Iterable[dict], method: str = "a
             tokens += int(batch["attention_mask"].sum())
             if method == "taylor":
                 with torch.enable_grad():
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    logits = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
                     nn.functional.cross_entropy(logits.float(), batch["labels"]).backward()
                 model.zero_grad(set_to_none=True)
             else:
@@ -152,8 +169,14 @@ def width_importance(model: nn.Module, batches: Iterable[dict], method: str = "a
     return mlp / tokens, heads / tokens
 
 
-def plan_width(mlp_scores: torch.Tensor, head_scores: torch.Tensor, config, mlp_sparsity: float,
-               remove_heads: int, heads_mode: str = "query") -> WidthPlan:
+def plan_width(
+    mlp_scores: torch.Tensor,
+    head_scores: torch.Tensor,
+    config,
+    mlp_sparsity: float,
+    remove_heads: int,
+    heads_mode: str = "query",
+) -> WidthPlan:
     """Keep the highest-scoring units, the same number in every layer (see module docstring)."""
     check_width_args(config, mlp_sparsity, remove_heads, heads_mode)
     n_mlp = mlp_scores.shape[1]
@@ -200,10 +223,14 @@ def shrink_width(model: nn.Module, plan: WidthPlan) -> nn.Module:
     llama = llama_of(model)
     layers = llama.layers
     if not len(plan.mlp_keep) == len(plan.heads_keep) == len(layers):
-        raise ValueError(f"The width plan covers {len(plan.mlp_keep)} layers but the model has {len(layers)}.")
+        raise ValueError(
+            f"The width plan covers {len(plan.mlp_keep)} layers but the model has {len(layers)}."
+        )
     config = model.config
     head_dim = config.head_dim
-    for layer, mlp_keep, q_keep, kv_keep in zip(layers, plan.mlp_keep, plan.heads_keep, plan.kv_keep, strict=True):
+    for layer, mlp_keep, q_keep, kv_keep in zip(
+        layers, plan.mlp_keep, plan.heads_keep, plan.kv_keep, strict=True
+    ):
         mlp_index = torch.tensor(mlp_keep)
         _rows(layer.mlp.gate_proj, mlp_index)
         _rows(layer.mlp.up_proj, mlp_index)
