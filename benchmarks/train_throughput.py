@@ -27,16 +27,6 @@ from llm_lightning.data import ClassificationDataModule, load_task
 from llm_lightning.models import load_classifier
 from llm_lightning.module import SequenceClassifier
 
-TINY = dict(
-    source="tiny",
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
-    init_seed=0,
-    attn_implementation="eager",
-)
 SMOLLM2 = dict(source="smollm2", attn_implementation="eager")
 
 
@@ -147,9 +137,9 @@ def main() -> None:
     L.seed_everything(0)
     task = OmegaConf.load("conf/task/sentiment.yaml")
     data = load_task(task, seed=42)
-    model, tok = load_classifier(
-        OmegaConf.create(SMOLLM2 if args.model == "smollm2" else TINY), data.label_names
-    )
+    tiny = OmegaConf.merge(OmegaConf.load("conf/model/tiny.yaml"), {"num_layers": 4})
+    model_cfg = OmegaConf.create(SMOLLM2) if args.model == "smollm2" else tiny
+    model, tok = load_classifier(model_cfg, data.label_names)
     dm = ClassificationDataModule(data, tok, 128, 16, 32, seed=0)
     dm.setup()
     padding_report(dm)

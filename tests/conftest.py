@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -17,6 +17,13 @@ CONF = ROOT / "conf"
 # Keep test runs off the user's real cache and quiet about optional hub access.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_model_cfg(**overrides) -> DictConfig:
+    """conf/model/tiny.yaml, with overrides (e.g. num_layers=3)."""
+    cfg = OmegaConf.load(CONF / "model" / "tiny.yaml")
+    cfg.update(overrides)
+    return cfg
 
 
 def make_cfg(tmp_path: Path, overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:

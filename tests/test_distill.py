@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from llm_lightning.callbacks.distill import KnowledgeDistillation
 from llm_lightning.callbacks.kd_losses import HiddenStateLoss, KLDivergenceLoss, Schedule
@@ -23,21 +22,10 @@ from llm_lightning.models.student import (
     weights_sha256,
 )
 from llm_lightning.models.tiny import byte_tokenizer
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, tiny_model_cfg
 
 LABELS = ["negative", "positive"]
-TINY = OmegaConf.create(
-    dict(
-        source="tiny",
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=3,
-        num_heads=4,
-        num_kv_heads=2,
-        init_seed=0,
-        attn_implementation="eager",
-    )
-)
+TINY = tiny_model_cfg(num_layers=3)
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,9 @@ from omegaconf import OmegaConf
 from llm_lightning.models import load_classifier, load_exported
 from llm_lightning.models.smollm2 import ModelFetchError, fetch_gguf
 from llm_lightning.models.tiny import byte_tokenizer, tiny_config
+from tests.conftest import tiny_model_cfg
 
-TINY = OmegaConf.create(
-    dict(
-        source="tiny",
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        init_seed=0,
-        attn_implementation="eager",
-    )
-)
+TINY = tiny_model_cfg()
 
 
 def test_tiny_classifier_has_labels_and_pad_token():
