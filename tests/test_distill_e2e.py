@@ -89,3 +89,42 @@ def test_a_second_run_reuses_the_cache_without_running_the_teacher(runs, tmp_pat
         4.0
     )
     assert (root / "cache" / cfg.distill.teacher_sha256[:16]).is_dir()
+
+
+@pytest.mark.parametrize(
+    ("experiment", "prune", "check"),
+    [
+        (
+            "distill_depth",
+            "prune.remove_layers=1",
+            lambda c: c["num_hidden_layers"] == 1 and len(c["kept_layers"]) == 1,
+        ),
+        ("distill_mlp", "prune.mlp_sparsity=0.5", lambda c: c["num_hidden_layers"] == 2),
+    ],
+)
+def test_prune_then_distil_experiments_shrink_the_student_and_train_it_under_the_teacher(
+    runs, tmp_path, experiment, prune, check
+):
+    from llm_lightning.train import train
+
+    root = runs[0]
+    teacher = load_saved(root / "teacher" / "model")[0]
+    cfg = make_cfg(
+        tmp_path,
+        [
+            f"experiment={experiment}",
+            f"distill.teacher={root / 'teacher' / 'model'}",
+            f"distill.cache.dir={root / 'cache'}",
+            prune,
+            "prune.batches=2",
+            "trainer.max_epochs=1",
+        ],
+    )
+    metrics, _ = train(cfg)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert check(config), config
+    assert cfg.distill.student.keep_layers == [0, 1]  # a full copy first; pruning made it smaller
+    assert metrics["train/total_params"] < sum(p.numel() for p in teacher.parameters())
+    assert isinstance(metrics["train/kd_epoch"], float) and isinstance(metrics["teacher/test/acc"], float)
+    if experiment == "distill_mlp":
+        assert config["intermediate_size"] == teacher.config.intermediate_size // 2

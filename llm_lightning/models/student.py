@@ -172,6 +172,8 @@ def build_student(
         total = len(teacher.model.layers)
         if student_cfg.get("keep_layers") is not None:
             keep = check_keep_layers(student_cfg.keep_layers, total)
+        elif student_cfg.get("num_layers") is None:
+            keep = list(range(total))  # a full copy: prune= (depth or width) makes it smaller
         else:
             keep = evenly_spaced(total, int(student_cfg.num_layers))
         student = student_from_teacher(teacher, keep)
