@@ -7,8 +7,8 @@
 
 Structured and depth pruning act once, in `setup`, before the optimizer is built: importance is
 measured on task training batches, the tensors are shrunk, and fine-tuning then recovers.
-Their plan (which units were kept) is in the checkpoint, so a resumed run rebuilds the same
-shapes before the weights are loaded. Magnitude masks and the schedule position are in the
+Their plan (which units were kept) is in the checkpoint, so a resumed run, and a checkpoint
+loaded for evaluation (`prune_like_checkpoint`), rebuild the same shapes before the weights load. Magnitude masks and the schedule position are in the
 checkpoint too.
 """
 
@@ -201,7 +201,7 @@ class StructuredPruning(Callback):
                 mlp, heads, model.config, self.mlp_sparsity, self.remove_heads, self.heads_mode
             )
         before = _count(model)
-        shrink_width(model, self.plan)
+        self.cut(model)
         self.applied = True
         log.info(
             "Structured pruning: %d -> %d parameters (intermediate_size=%d, heads=%d, kv_heads=%d)",
@@ -211,6 +211,10 @@ class StructuredPruning(Callback):
             model.config.num_attention_heads,
             model.config.num_key_value_heads,
         )
+
+    def cut(self, model) -> None:
+        """Shrink `model` to the plan; the same cut in `setup` and when a checkpoint is loaded."""
+        shrink_width(model, self.plan)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -249,9 +253,13 @@ class DepthPruning(Callback):
             influence = block_influence(model, _task_batches(trainer, pl_module, self.batches))
             log.info("Block influence per layer: %s", [round(x, 4) for x in influence.tolist()])
             self.keep = layers_to_keep(influence, self.remove_layers)
-        drop_layers(model, self.keep)
+        self.cut(model)
         self.applied = True
         log.info("Depth pruning kept layers %s", model.config.kept_layers)
+
+    def cut(self, model) -> None:
+        """Keep the planned layers of `model`; the same cut in `setup` and when a checkpoint is loaded."""
+        drop_layers(model, self.keep)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -289,3 +297,26 @@ def pruning_callbacks(cfg) -> list[Callback]:
     if p.method == "depth":
         return [DepthPruning(p.remove_layers, p.batches)]
     return []
+
+
+def prune_like_checkpoint(model, run_cfg, checkpoint: dict) -> None:
+    """Cut a model rebuilt from a run's config to the shapes its checkpoint was saved with.
+
+    Structured and depth pruning reshape the model in `setup`, after it was built from the config,
+    so the config alone describes the unpruned model. Their plan (kept neurons, heads, layers) is
+    their state in the checkpoint: the same cut is repeated here, before the weights are loaded.
+    """
+    if not run_cfg.get("prune") or run_cfg.prune.method not in ("structured", "depth"):
+        return
+    states = checkpoint.get("callbacks") or {}
+    for callback in pruning_callbacks(run_cfg):
+        state = states.get(callback.state_key) or {}
+        callback.load_state_dict(state)
+        if not state.get("plan" if isinstance(callback, StructuredPruning) else "keep"):
+            raise ValueError(
+                f"The run used prune={run_cfg.prune.method}, but its checkpoint holds no pruning plan "
+                f"(callbacks[{callback.state_key!r}] is {state or 'missing'}), so the pruned shapes "
+                f"cannot be rebuilt. Checkpoint callbacks: {sorted(states)}. Evaluate the run's "
+                "exported model/ folder instead."
+            )
+        callback.cut(model)

@@ -1,5 +1,8 @@
 """Load what a run saved, for evaluation and prediction: an exported `model/` folder, or a
-Lightning checkpoint (rebuilt from the run's `.hydra/config.yaml`, read with weights_only=True)."""
+Lightning checkpoint (rebuilt from the run's `.hydra/config.yaml`, read with weights_only=True).
+
+A checkpoint of a structured- or depth-pruned run is cut to the pruning plan stored in the
+checkpoint itself before its weights load: the config describes the model before pruning."""
 
 from __future__ import annotations
 
@@ -37,6 +40,10 @@ def _from_checkpoint(ckpt: Path):
         model, tokenizer = build_student(run_cfg, names)
     else:
         model, tokenizer = load_classifier(run_cfg.model, names)
+    if run_cfg.get("prune"):  # structured/depth pruning: the run's plan is in the checkpoint
+        from llm_lightning.callbacks.prune import prune_like_checkpoint
+
+        prune_like_checkpoint(model, run_cfg, state)
     if run_cfg.finetune.method == "lora":
         from llm_lightning.models.lora import add_lora, merged
 
@@ -49,11 +56,21 @@ def _from_checkpoint(ckpt: Path):
 
 def _load_weights(model, state_dict: dict, ckpt: Path) -> None:
     weights = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # torch raises on shape mismatches even with strict=False
+        lines = str(err).splitlines()
+        first = (lines[1] if len(lines) > 1 else lines[0]).strip()
+        raise ValueError(
+            f"{ckpt} does not fit the model rebuilt from its run's .hydra/config.yaml "
+            f"({len(lines) - 1} mismatches; first: {first}). Was the config edited after training? "
+            "Evaluate the run's exported model/ folder instead."
+        ) from err
     if missing or unexpected:
         raise ValueError(
-            f"{ckpt} does not fit the model its run config describes: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}."
+            f"{ckpt} does not fit the model rebuilt from its run's .hydra/config.yaml: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}. Was the config edited after "
+            "training? Evaluate the run's exported model/ folder instead."
         )
 
 
