@@ -16,6 +16,8 @@ from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 from transformers import get_scheduler
 
+from llm_lightning.data.transfer import UNLABELED
+
 SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 
 
@@ -67,8 +69,13 @@ class SequenceClassifier(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
 
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Cross-entropy; the distillation callback adds its terms through `extra_losses`."""
-        return nn.functional.cross_entropy(logits, batch["labels"])
+        """Cross-entropy over the labeled rows; the distillation callback adds its terms through
+        `extra_losses`. Transfer-set texts (label UNLABELED) have no CE; a batch of only those gets 0."""
+        labels = batch["labels"]
+        labeled = labels != UNLABELED
+        if not labeled.any():
+            return logits.sum() * 0.0
+        return nn.functional.cross_entropy(logits[labeled], labels[labeled])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])
@@ -82,7 +89,9 @@ class SequenceClassifier(L.LightningModule):
             else:
                 self.log(f"train/{name}", term.detach(), on_step=True, on_epoch=True, batch_size=bs)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
-        self.train_metrics.update(logits.detach(), batch["labels"])
+        labeled = batch["labels"] != UNLABELED
+        if labeled.any():
+            self.train_metrics.update(logits.detach()[labeled], batch["labels"][labeled])
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=bs)
         if not torch.isfinite(loss):
             raise FloatingPointError(

@@ -128,3 +128,33 @@ def test_prune_then_distil_experiments_shrink_the_student_and_train_it_under_the
     assert isinstance(metrics["train/kd_epoch"], float) and isinstance(metrics["teacher/test/acc"], float)
     if experiment == "distill_mlp":
         assert config["intermediate_size"] == teacher.config.intermediate_size // 2
+
+
+def test_a_transfer_set_is_labeled_by_the_teacher_and_trained_on_with_kd_only(runs, tmp_path, capsys):
+    from llm_lightning.train import train
+
+    root = runs[0]
+    texts = tmp_path / "unlabeled.txt"
+    texts.write_text(
+        "\n".join(f"an unlabeled review sentence number {i}" for i in range(24)), encoding="utf-8"
+    )
+    cfg = make_cfg(
+        tmp_path,
+        [
+            "distill=kd",
+            f"distill.teacher={root / 'teacher' / 'model'}",
+            "distill.student.num_layers=1",
+            f"distill.cache.dir={tmp_path / 'cache'}",
+            "distill.transfer.source=file",
+            f"distill.transfer.path={texts}",
+            "export=false",
+        ],
+    )
+    metrics, objects = train(cfg)
+    out = capsys.readouterr().out
+    train_split = objects["datamodule"].splits["train"]
+    assert "Transfer set (file): 24 unlabeled texts" in out
+    assert f"Teacher outputs [sentiment/train]: {len(train_split)}/{len(train_split)} examples" in out
+    assert train_split.labels[-24:] == [-100] * 24 and -100 not in train_split.labels[:-24]
+    for key in ("train/acc", "train/kd_epoch", "train/ce_epoch", "test/acc"):
+        assert torch.isfinite(torch.tensor(metrics[key])), key
