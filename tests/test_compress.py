@@ -29,7 +29,14 @@ def chain(tmp_path):
             "common": ["model=tiny", "debug=smoke", "bench=quick", "runtime.threads=1"],
             # the tiny model has 2 layers: drop 1
             "stages": {
-                "pruned": ["model=hf", "model.name_or_path={teacher}", "prune=depth", "prune.remove_layers=1"]
+                "pruned": [
+                    "model=hf",
+                    "model.name_or_path={teacher}",
+                    "prune=depth",
+                    "prune.remove_layers=1",
+                ],
+                # the shipped recipe's transfer set, cut to a few texts: the tiny teacher labels them too
+                "distilled": [*chain.stages.distilled, "distill.transfer.limit=48"],
             },
             "quantize": {"compile": False},
         },
@@ -62,6 +69,7 @@ def test_chain_exports_every_stage_reports_them_and_resumes(chain, monkeypatch):
     distilled = OmegaConf.load(f"{out}/distilled/.hydra/config.yaml")
     assert distilled.distill.method == "kd" and distilled.distill.teacher.endswith("teacher/model")
     assert distilled.model.name_or_path.endswith("pruned/model")
+    assert distilled.distill.transfer.source == "imdb_sentences" and distilled.distill.transfer.limit == 48
     assert json.loads(open(f"{out}/report.json").read())["runtime"] == {"threads": 1}
 
     def no_training(cfg):
