@@ -134,6 +134,13 @@ def main() -> None:
     parser.add_argument("--teacher", required=True, help="the teacher's exported model/ folder")
     parser.add_argument("--kd", required=True, help="run dir of the student trained with KD")
     parser.add_argument("--no-kd", required=True, help="run dir of the same student trained with alpha=0")
+    parser.add_argument(
+        "--more",
+        action="append",
+        default=[],
+        metavar="LABEL=RUN_DIR",
+        help="another student run to add as a row (repeatable), e.g. 'student, KD + transfer set=outputs/...'",
+    )
     parser.add_argument("--texts", type=int, default=256, help="test texts per throughput pass")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8, help="training steps per variant for the KD cost")
@@ -147,26 +154,23 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    runs = {
-        name: json.loads((Path(d) / "metrics.json").read_text())
-        for name, d in (("kd", args.kd), ("no_kd", args.no_kd))
-    }
+    labels = {"teacher": "teacher", "kd": "student, KD", "no_kd": "student, no KD (alpha=0)"}
+    dirs = {"kd": args.kd, "no_kd": args.no_kd}
+    for i, spec in enumerate(args.more):
+        label, sep, run_dir = spec.rpartition("=")
+        if not sep or not label:
+            raise SystemExit(f"--more {spec!r}: write LABEL=RUN_DIR")
+        labels[f"more{i}"], dirs[f"more{i}"] = label, run_dir
+    runs = {name: json.loads((Path(d) / "metrics.json").read_text()) for name, d in dirs.items()}
     teacher = load_saved(args.teacher)
-    students = {
-        name: load_saved(Path(d) / "model")[0] for name, d in (("kd", args.kd), ("no_kd", args.no_kd))
-    }
+    students = {name: load_saved(Path(d) / "model")[0] for name, d in dirs.items()}
     models = {"teacher": teacher[0], **students}
     for model in models.values():  # as conf/model/smollm2_135m.yaml: eager is faster on CPU for short texts
         model.set_attn_implementation(args.attn)
     texts = load_task(task_config(args.limit), seed=42).test.texts[: args.texts]
     tps = throughput(models, teacher[1], texts, 16, args.rounds)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
-    acc = {
-        "teacher": runs["kd"]["teacher/test/acc"],
-        "kd": runs["kd"]["test/acc"],
-        "no_kd": runs["no_kd"]["test/acc"],
-    }
-    labels = {"teacher": "teacher", "kd": "student, KD", "no_kd": "student, no KD (alpha=0)"}
+    acc = {"teacher": runs["kd"]["teacher/test/acc"], **{name: r["test/acc"] for name, r in runs.items()}}
     layers = {name: len(m.model.layers) for name, m in models.items()}
 
     print("| model | layers | test accuracy | % of teacher | parameters | tokens/s, batch 16 | × teacher |")
@@ -177,8 +181,7 @@ def main() -> None:
             f"{params[name] / 1e6:.1f}M | {tps[name]:.0f} | {tps[name] / tps['teacher']:.2f}× |"
         )
     print()
-    for name in ("kd", "no_kd"):
-        r = runs[name]
+    for name, r in runs.items():
         print(
             f"{labels[name]}: train {r['train/seconds']:.0f} s (cache fill {r.get('distill/cache_fill_seconds', 0):.0f} s), "
             f"train/tokens_per_s {r.get('train/tokens_per_s', float('nan')):.0f}"
