@@ -3,8 +3,11 @@
     flock /tmp/heavy.lock python benchmarks/quantize.py --model outputs/sentiment/<run>/model
     python benchmarks/quantize.py --model <dir> --variants fp32,int8_dynamic --texts 64   # quicker
 
-Variants: fp32 eager, fp32 + torch.compile, torchao int8 dynamic (eager and compiled), torchao
-int8 weight-only, and the deprecated torch.ao.quantization.quantize_dynamic as a comparison only.
+Variants: fp32 eager, fp32 + torch.compile, torchao int8 dynamic (eager and compiled) on every
+linear layer, the same `+config`: with conf/quantize/int8_dynamic.yaml's accuracy settings
+(`skip`, `smoothquant_alpha` calibrated on `calibration_texts` training texts; `--skip` and
+`--smoothquant-alpha` override them), torchao int8 weight-only, and the deprecated
+torch.ao.quantization.quantize_dynamic as a comparison only.
 It also measures this CPU's matrix-multiply rates (2048^3 `torch.mm` in fp32, `torch._int_mm` in
 int8) and prints each variant's throughput as a fraction of the ceiling they allow: the rate
 divided by 2 x (parameters in linear layers) operations per token.
@@ -31,13 +34,15 @@ sys.path.insert(0, str(ROOT))
 from llm_lightning.bench import BenchSettings, cpu_name, measure, size_on_disk_mb  # noqa: E402
 from llm_lightning.data import load_task  # noqa: E402
 from llm_lightning.models.saved import load_saved  # noqa: E402
-from llm_lightning.quantize import maybe_compile, quantize_model, save_quantized  # noqa: E402
+from llm_lightning.quantize import calibration_inputs, maybe_compile, quantize_model, save_quantized  # noqa: E402
 
 VARIANTS = (
     "fp32",
     "fp32+compile",
     "int8_dynamic",
     "int8_dynamic+compile",
+    "int8_dynamic+config",
+    "int8_dynamic+compile+config",
     "int8_weight_only",
     "torch.ao_dynamic",
 )
@@ -65,8 +70,10 @@ def linear_params(model: nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
 
-def build(variant: str, model_dir: Path, work: Path):
-    """(model to measure, folder for its size on disk, linear parameters) for one variant."""
+def build(variant: str, model_dir: Path, work: Path, qcfg, train_texts: list[str], max_length: int):
+    """(model to measure, folder for its size on disk, linear parameters) for one variant.
+
+    `qcfg` (skip, smoothquant_alpha, calibration_texts) applies to the `+config` variants only."""
     model, tokenizer, _ = load_saved(model_dir)
     model.eval()
     n_linear = linear_params(model)
@@ -80,10 +87,15 @@ def build(variant: str, model_dir: Path, work: Path):
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(quantized.state_dict(), folder / "weights.pt")
         return quantized, folder, tokenizer, n_linear
-    method = variant.removesuffix("+compile")
-    quantized = quantize_model(model, method)
-    folder = save_quantized(quantized, tokenizer, work / variant, method)
-    return maybe_compile(quantized, variant.endswith("+compile")), folder, tokenizer, n_linear
+    method = variant.split("+")[0]
+    skip, alpha, calibration = [], None, []
+    if variant.endswith("+config"):
+        skip, alpha = list(qcfg.skip), qcfg.smoothquant_alpha
+        if alpha is not None:
+            calibration = calibration_inputs(tokenizer, train_texts, qcfg.calibration_texts, max_length)
+    quantized = quantize_model(model, method, skip=skip, smoothquant_alpha=alpha, calibration=calibration)
+    folder = save_quantized(quantized, tokenizer, work / variant, method, skip=skip, smoothquant_alpha=alpha)
+    return maybe_compile(quantized, "+compile" in variant), folder, tokenizer, n_linear
 
 
 def main() -> None:
@@ -99,14 +111,22 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42, help="the training run's seed: the same test split")
     parser.add_argument("--test-limit", type=int, help="only the first N test texts (a speed-only run)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--skip", help="+config variants: comma-separated fnmatch patterns kept in float")
+    parser.add_argument("--smoothquant-alpha", help="+config variants: a float, or 'none'")
     args = parser.parse_args()
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown --variants {unknown}; choose from {VARIANTS}")
+    qcfg = OmegaConf.load(ROOT / "conf" / "quantize" / "int8_dynamic.yaml")
+    if args.skip is not None:
+        qcfg.skip = [p for p in args.skip.split(",") if p]
+    if args.smoothquant_alpha is not None:
+        qcfg.smoothquant_alpha = None if args.smoothquant_alpha == "none" else float(args.smoothquant_alpha)
     torch.set_num_threads(args.threads)
     task = OmegaConf.load(ROOT / "conf" / "task" / "sentiment.yaml")
-    test = load_task(task, args.seed).test
+    data = load_task(task, args.seed)
+    test = data.test
     if args.test_limit:
         test.texts, test.labels = test.texts[: args.test_limit], test.labels[: args.test_limit]
     settings = BenchSettings(
@@ -117,7 +137,10 @@ def main() -> None:
     )
     rates = {"fp32": matmul_rate(torch.float32), "int8": matmul_rate(torch.int8)}
     print(
-        f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}; {len(test)} test texts", flush=True
+        f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}; {len(test)} test texts; "
+        f"+config: skip {list(qcfg.skip)}, smoothquant_alpha {qcfg.smoothquant_alpha} "
+        f"({qcfg.calibration_texts} training texts)",
+        flush=True,
     )
     print(
         f"2048^3 matmul: fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, int8 _int_mm {rates['int8'] / 1e9:.0f} GOP/s",
@@ -127,7 +150,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
             started = time.perf_counter()
-            model, folder, tokenizer, n_linear = build(variant, args.model, Path(tmp))
+            model, folder, tokenizer, n_linear = build(
+                variant, args.model, Path(tmp), qcfg, data.train.texts, task.max_length
+            )
             row = measure(model, tokenizer, test.texts, test.labels, settings, path=folder)
             ceiling = rates["int8" if variant.startswith(("int8_dynamic", "torch.ao")) else "fp32"] / (
                 2 * n_linear

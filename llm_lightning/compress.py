@@ -92,17 +92,19 @@ def compress(chain: DictConfig) -> dict:
 def quantize_and_report(cfg: DictConfig, out: Path) -> dict:
     from llm_lightning.data import load_task
     from llm_lightning.models.saved import load_saved
-    from llm_lightning.quantize import check_platform, quantize_model, save_quantized
+    from llm_lightning.quantize import check_platform, quantize_with_config, save_quantized
     from llm_lightning.stages import bench_settings, measure_stage, require_test_split, write_report
 
     q = cfg.quantize
     check_platform(q.method, "cpu", q.get("group_size", 128))
-    if not done(out, "quantized"):
-        model, tokenizer, _ = load_saved(out / "distilled" / "model")
-        save_quantized(quantize_model(model, q.method), tokenizer, out / "quantized", q.method, q.compile)
-        print(f"[compress] quantized: {q.method} -> {out / 'quantized'}", flush=True)
     data = load_task(cfg.task, cfg.seed)
     require_test_split(data, str(out))
+    if not done(out, "quantized"):
+        model, tokenizer, _ = load_saved(out / "distilled" / "model")
+        quantized = quantize_with_config(model, tokenizer, q, data, cfg.task.max_length)
+        skip, alpha = list(q.get("skip") or []), q.get("smoothquant_alpha")
+        save_quantized(quantized, tokenizer, out / "quantized", q.method, q.compile, skip, alpha)
+        print(f"[compress] quantized: {q.method} -> {out / 'quantized'}", flush=True)
     settings, rows, previous = bench_settings(cfg), [], None
     for stage in (*TRAINING_STAGES, "quantized"):
         path = out / stage if stage == "quantized" else out / stage / "model"

@@ -9,10 +9,12 @@ The quantized model is evaluated on the task's test split, benchmarked next to i
 
     quantized/
       config.json, tokenizer files    as in model/ (save_pretrained)
-      quantization.json               {"format": 1, "method", "compile", "torch", "torchao",
-                                      "weights", "attn_implementation"}
-      quantized_weights.pt            torch.save(state_dict): the linear weights are torchao tensor
-                                      subclasses (Int8Tensor), everything else plain tensors
+      quantization.json               {"format": 1, "method", "compile", "skip",
+                                      "smoothquant_alpha", "torch", "torchao", "weights",
+                                      "attn_implementation"}
+      quantized_weights.pt            torch.save(state_dict): the quantized linear weights are torchao
+                                      tensor subclasses (Int8Tensor), everything else (embeddings,
+                                      the `quantize.skip` layers) plain tensors
 
 `quantized_weights.pt` loads with `torch.load(weights_only=True)`: torchao registers its tensor
 classes as safe globals, so no pickled code runs. The weights need the same major torchao version.
@@ -20,8 +22,10 @@ classes as safe globals, so no pickled code runs. The weights need the same majo
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -96,20 +100,124 @@ def check_platform(method: str, device: str = "cpu", group_size: int = 128) -> N
         ) from e
 
 
-def quantize_model(model: nn.Module, method: str, group_size: int = 128) -> nn.Module:
-    """Quantize the model's linear layers in place (embeddings stay fp32) and return it in eval mode."""
+def linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of the model's `nn.Linear` layers, in module order."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def skipped_linears(model: nn.Module, skip: Sequence[str] = ()) -> set[str]:
+    """The linear layers that `skip` (fnmatch patterns on qualified names) keeps in float.
+
+    A pattern that matches no linear layer is an error: a typo would otherwise quantize the
+    layer it meant to protect, and the accuracy loss would look like quantization's fault.
+    """
+    names = linear_names(model)
+    unmatched = [p for p in skip if not fnmatch.filter(names, p)]
+    if unmatched:
+        shown = names[:8] + (["..."] + names[-2:] if len(names) > 10 else names[8:])
+        raise ValueError(
+            f"quantize.skip: pattern(s) {unmatched} match no linear layer of this model "
+            f"({len(names)} linear layers: {', '.join(shown)}). Patterns are fnmatch globs on "
+            "these names, e.g. '*.down_proj', 'model.layers.0.*', 'score'."
+        )
+    return {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in skip)}
+
+
+def quantize_model(
+    model: nn.Module,
+    method: str,
+    group_size: int = 128,
+    skip: Sequence[str] = (),
+    smoothquant_alpha: float | None = None,
+    calibration: Sequence[torch.Tensor] = (),
+) -> nn.Module:
+    """Quantize the model's linear layers in place and return it in eval mode.
+
+    Args:
+        skip: fnmatch patterns of linear layers kept in float (see `skipped_linears`); embeddings
+            are never quantized.
+        smoothquant_alpha: int8_dynamic only; None: off. SmoothQuant (torchao.prototype.smoothquant):
+            per input channel j, s_j = max|x_j|^alpha / max|W_:,j|^(1 - alpha), measured on
+            `calibration`; the weight's column j is multiplied by s_j and the activation divided by
+            it at run time, so an outlier channel no longer sets every token's int8 scale.
+        calibration: input_ids tensors, each (1, seq_len), run one at a time (no padding) to
+            measure max|x_j|; needed with smoothquant_alpha.
+    """
     from torchao.quantization import quantize_
+    from torchao.quantization.quant_api import _is_linear  # torchao's default filter
 
     check_method(method)
     model.eval()
     if method == "none":
         return model
+    check_smoothquant(method, smoothquant_alpha, len(calibration))
+    keep = skipped_linears(model, list(skip))
     device = next(model.parameters()).device.type
     check_platform(method, device, group_size)
     if method == "int4_weight_only":
         model.to(torch.bfloat16)  # tinygemm packs bf16 weights
-    quantize_(model, torchao_config(method, group_size))
+    if keep:
+        log.info("quantize.skip keeps %d linear layers in float: %s", len(keep), sorted(keep))
+
+    def chosen(module: nn.Module, name: str) -> bool:
+        return _is_linear(module) and name not in keep
+
+    if smoothquant_alpha is None:
+        quantize_(model, torchao_config(method, group_size), filter_fn=chosen)
+        return model
+    from torchao.prototype.smoothquant import SmoothQuantConfig
+
+    def smoothquant(step: str) -> SmoothQuantConfig:
+        # running abs-max observers: texts of any length, O(channels) memory
+        base = torchao_config(method, group_size)
+        return SmoothQuantConfig(base, step, alpha=float(smoothquant_alpha), use_running_absmax=True)
+
+    quantize_(model, smoothquant("prepare"), filter_fn=chosen)
+    with torch.inference_mode():
+        for ids in calibration:
+            model(input_ids=ids.to(device))
+    quantize_(model, smoothquant("convert"), filter_fn=chosen)
     return model
+
+
+def check_smoothquant(method: str, alpha: float | None, calibration_texts: int) -> None:
+    if alpha is None:
+        return
+    problems = []
+    if method != "int8_dynamic":
+        problems.append(
+            f"quantize.smoothquant_alpha={alpha} needs quantize=int8_dynamic (it evens out the "
+            f"activations that int8_dynamic quantizes); quantize.method is {method!r}: set it to null"
+        )
+    if not 0.0 <= float(alpha) <= 1.0:
+        problems.append(f"quantize.smoothquant_alpha={alpha} must be in [0, 1] (0.5 is SmoothQuant's usual)")
+    if calibration_texts < 1:
+        problems.append(
+            f"SmoothQuant needs calibration texts, got {calibration_texts} "
+            "(quantize.calibration_texts >= 1, and a non-empty training split)"
+        )
+    if problems:
+        raise ValueError("; ".join(problems) + ".")
+
+
+def calibration_inputs(tokenizer, texts: Sequence[str], n: int, max_length: int) -> list[torch.Tensor]:
+    """The first `n` texts as (1, seq_len) input_ids tensors, for `quantize_model(calibration=...)`."""
+    rows = tokenizer(list(texts[:n]), truncation=True, max_length=max_length)["input_ids"]
+    return [torch.tensor([row]) for row in rows]
+
+
+def quantize_with_config(model: nn.Module, tokenizer, qcfg: DictConfig, data, max_length: int) -> nn.Module:
+    """`quantize_model` with a `quantize=` config; SmoothQuant calibrates on the training split
+    (never the test texts it is then evaluated on)."""
+    alpha = qcfg.get("smoothquant_alpha")
+    calibration = []
+    if alpha is not None and qcfg.method == "int8_dynamic":
+        calibration = calibration_inputs(
+            tokenizer, data.train.texts, int(qcfg.get("calibration_texts", 64)), max_length
+        )
+    return quantize_model(
+        model, qcfg.method, qcfg.get("group_size", 128), list(qcfg.get("skip") or []), alpha, calibration
+    )
 
 
 def maybe_compile(model: nn.Module, compile: bool) -> nn.Module:
@@ -129,7 +237,15 @@ def maybe_compile(model: nn.Module, compile: bool) -> nn.Module:
     return torch.compile(model, dynamic=True)
 
 
-def save_quantized(model: nn.Module, tokenizer, target: Path, method: str, compile: bool = False) -> Path:
+def save_quantized(
+    model: nn.Module,
+    tokenizer,
+    target: Path,
+    method: str,
+    compile: bool = False,
+    skip: Sequence[str] = (),
+    smoothquant_alpha: float | None = None,
+) -> Path:
     """Write the quantized model in the format described at the top of this file."""
     import torchao
 
@@ -141,6 +257,8 @@ def save_quantized(model: nn.Module, tokenizer, target: Path, method: str, compi
             "format": FORMAT_VERSION,
             "method": method,
             "compile": bool(compile),
+            "skip": list(skip),  # fnmatch patterns of the linear layers left in float
+            "smoothquant_alpha": smoothquant_alpha,  # the smoothing is inside the weights (act_pre_scale)
             "torch": torch.__version__,
             "torchao": torchao.__version__,
             "weights": WEIGHTS_FILE,
@@ -216,9 +334,13 @@ def quantize_run(cfg: DictConfig, out: Path, model_dir: Path | None = None) -> d
     data = load_task(cfg.task, cfg.seed)
     settings = bench_settings(cfg)
     model, tokenizer, _ = load_saved(model_dir)
+    skip = list(qcfg.get("skip") or [])
+    skipped_linears(model, skip)  # a bad pattern fails now, not after the fp32 benchmark
+    alpha = qcfg.get("smoothquant_alpha")
+    check_smoothquant(qcfg.method, alpha, len(data.train) and int(qcfg.get("calibration_texts", 64)))
     rows = [measure_stage("fp32", model, tokenizer, data, cfg, model_dir, settings, compile=False)]
-    quantized = quantize_model(model, qcfg.method, qcfg.get("group_size", 128))
-    target = save_quantized(quantized, tokenizer, out / "quantized", qcfg.method, qcfg.compile)
+    quantized = quantize_with_config(model, tokenizer, qcfg, data, cfg.task.max_length)
+    target = save_quantized(quantized, tokenizer, out / "quantized", qcfg.method, qcfg.compile, skip, alpha)
     name = qcfg.method + ("+compile" if qcfg.compile else "")
     rows.append(
         measure_stage(

@@ -1,0 +1,245 @@
+"""Which linear layers lose accuracy under int8 dynamic quantization, and what fixes it.
+
+    flock /tmp/heavy.lock python benchmarks/quantize_sensitivity.py --model outputs/sentiment/run-full-5e-5/model \\
+        --per-layer --texts 256 --variants 'all;skip=*.down_proj;skip=score;smooth=0.5'
+
+Every variant is compared with the fp32 model on the same texts (the validation split by default,
+so the choice is not fitted to the test split): accuracy, predictions that flip, and the change
+in the logit margin (logit[1] - logit[0]). `--per-layer` first prints each linear layer's own
+error: the fp32 model runs once, and every linear's input is also fed to its int8 counterpart,
+giving ||y_int8 - y_fp32|| / ||y_fp32|| over real (non-pad) tokens.
+
+Variant grammar: `;` separates variants; within one, `+` joins options:
+`all` (every linear int8), `skip=PAT,PAT` (keep those in float; fnmatch on module names),
+`smooth=ALPHA` (torchao SmoothQuant, calibrated on `--calib` training texts), `asym`
+(asymmetric per-token activations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llm_lightning.bench import pad  # noqa: E402
+from llm_lightning.data import load_task  # noqa: E402
+from llm_lightning.models.saved import load_saved  # noqa: E402
+from llm_lightning.quantize import linear_names, quantize_model, skipped_linears  # noqa: E402
+
+
+def parse_variant(spec: str) -> dict:
+    variant = {"name": spec, "skip": [], "smooth": None, "asym": False}
+    for part in spec.split("+"):
+        key, _, value = part.partition("=")
+        if key == "all":
+            continue
+        if key == "skip":
+            variant["skip"] = [p for p in value.split(",") if p]
+        elif key == "smooth":
+            variant["smooth"] = float(value)
+        elif key == "asym":
+            variant["asym"] = True
+        else:
+            raise SystemExit(f"unknown variant option {part!r} in {spec!r}; use all, skip=, smooth=, asym")
+    return variant
+
+
+def int8_config(asym: bool = False):
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, MappingType
+
+    mapping = MappingType.ASYMMETRIC if asym else MappingType.SYMMETRIC
+    return Int8DynamicActivationInt8WeightConfig(act_mapping_type=mapping)
+
+
+def quantize(model: nn.Module, variant: dict, calib_rows: list[list[int]], pad_id: int) -> nn.Module:
+    """The variant, through the package's own `quantize_model` unless it needs `asym`."""
+    from torchao.prototype.smoothquant import SmoothQuantConfig
+    from torchao.quantization import quantize_
+
+    if not variant["asym"]:
+        calibration = [torch.tensor([row]) for row in calib_rows] if variant["smooth"] is not None else []
+        return quantize_model(
+            model,
+            "int8_dynamic",
+            skip=variant["skip"],
+            smoothquant_alpha=variant["smooth"],
+            calibration=calibration,
+        )
+    keep = skipped_linears(model, variant["skip"])
+
+    def chosen(module: nn.Module, name: str) -> bool:
+        return isinstance(module, nn.Linear) and name not in keep
+
+    if variant["smooth"] is None:
+        quantize_(model, int8_config(asym=True), filter_fn=chosen)
+        return model
+    for step in ("prepare", "convert"):
+        config = SmoothQuantConfig(
+            int8_config(asym=True), step, alpha=variant["smooth"], use_running_absmax=True
+        )
+        quantize_(model, config, filter_fn=chosen)
+        if step == "prepare":
+            with torch.inference_mode():
+                for row in calib_rows:  # one text at a time: no pad tokens in the activation maxima
+                    model(*pad([row], pad_id))
+    return model
+
+
+def logits(model: nn.Module, rows: list[list[int]], pad_id: int, batch_size: int = 32) -> torch.Tensor:
+    """(len(rows), num_labels) fp32 logits, in the rows' order (batched by length)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = None
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = pad([rows[i] for i in idx], pad_id)
+            got = model(input_ids=ids, attention_mask=mask).logits.float()
+            out = torch.empty(len(rows), got.shape[-1]) if out is None else out
+            out[idx] = got
+    return out
+
+
+def compare(name: str, got: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, seconds: float) -> dict:
+    margin, ref_margin = got[:, 1] - got[:, 0], ref[:, 1] - ref[:, 0]
+    pred, ref_pred = got.argmax(-1), ref.argmax(-1)
+    return {
+        "variant": name,
+        "acc": float((pred == labels).float().mean()),
+        "flips": int((pred != ref_pred).sum()),
+        "fixed": int(((pred == labels) & (ref_pred != labels)).sum()),
+        "broken": int(((pred != labels) & (ref_pred == labels)).sum()),
+        "margin_mae": float((margin - ref_margin).abs().mean()),
+        "margin_max": float((margin - ref_margin).abs().max()),
+        "seconds": seconds,
+    }
+
+
+def per_layer_errors(model: nn.Module, rows: list[list[int]], pad_id: int) -> dict[str, float]:
+    """||y_int8 - y_fp32|| / ||y_fp32|| per linear layer, on each layer's real fp32 inputs."""
+    from torchao.quantization import quantize_
+
+    quantized = copy.deepcopy(model)
+    quantize_(quantized, int8_config())
+    twins = dict(quantized.named_modules())
+    err: dict[str, float] = defaultdict(float)
+    norm: dict[str, float] = defaultdict(float)
+    real = {"mask": None}
+
+    def hook(name):
+        def record(module, inputs, output):
+            keep = real["mask"]
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])[keep]
+            y = output.reshape(-1, output.shape[-1])[keep]
+            err[name] += float(((twins[name](x) - y) ** 2).sum())
+            norm[name] += float((y**2).sum())
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    with torch.inference_mode():
+        for start in range(0, len(order), 32):
+            ids, mask = pad([rows[i] for i in order[start : start + 32]], pad_id)
+            real["mask"] = mask.reshape(-1).bool()
+            model(input_ids=ids, attention_mask=mask)
+    for h in handles:
+        h.remove()
+    return {n: (err[n] / norm[n]) ** 0.5 for n in err}
+
+
+def print_per_layer(errors: dict[str, float]) -> None:
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in errors if ".layers." in n})
+    layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in errors if ".layers." in n})
+    print("\nPer-layer relative error of int8 dynamic, ||y_q - y|| / ||y|| (%):")
+    print("| layer | " + " | ".join(kinds) + " |")
+    print("|---|" + "---|" * len(kinds))
+    by_layer_kind = {
+        (int(n.split(".layers.")[1].split(".")[0]), n.rsplit(".", 1)[-1]): e
+        for n, e in errors.items()
+        if ".layers." in n
+    }
+    for i in layers:
+        cells = [f"{100 * by_layer_kind.get((i, k), float('nan')):.1f}" for k in kinds]
+        print(f"| {i} | " + " | ".join(cells) + " |")
+    for n, e in errors.items():
+        if ".layers." not in n:
+            print(f"| {n} | {100 * e:.1f} |")
+    worst = sorted(errors.items(), key=lambda kv: -kv[1])[:10]
+    print("worst: " + ", ".join(f"{n} {100 * e:.1f}%" for n, e in worst), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, required=True, help="an exported fp32 model/ folder")
+    parser.add_argument("--variants", default="all", help="see the grammar above")
+    parser.add_argument("--split", choices=("val", "test"), default="val")
+    parser.add_argument("--texts", type=int, default=256, help="first N texts of the split (0: all)")
+    parser.add_argument("--calib", type=int, default=64, help="training texts for SmoothQuant calibration")
+    parser.add_argument("--per-layer", action="store_true", help="also print each linear layer's own error")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=42, help="the training run's seed: the same splits")
+    parser.add_argument("--task", default="sentiment", help="conf/task/<name>.yaml")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    variants = [parse_variant(v) for v in args.variants.split(";") if v]
+    task = OmegaConf.load(ROOT / "conf" / "task" / f"{args.task}.yaml")
+    data = load_task(task, args.seed)
+    split = getattr(data, args.split)
+    texts, labels = split.texts, split.labels
+    if args.texts:
+        texts, labels = texts[: args.texts], labels[: args.texts]
+    fp32, tokenizer, _ = load_saved(args.model)
+    fp32.eval()
+    for v in variants:  # a typo fails now, not after an hour
+        skipped_linears(fp32, v["skip"])
+    encode = lambda t: tokenizer(list(t), truncation=True, max_length=task.max_length)["input_ids"]  # noqa: E731
+    rows, calib = encode(texts), encode(data.train.texts[: args.calib])
+    target = torch.tensor(list(labels))
+    print(
+        f"{len(linear_names(fp32))} linear layers; {len(rows)} {args.split} texts; torch {torch.__version__}, "
+        f"{args.threads} threads",
+        flush=True,
+    )
+    if args.per_layer:
+        started = time.perf_counter()
+        print_per_layer(per_layer_errors(fp32, rows, tokenizer.pad_token_id))
+        print(f"({time.perf_counter() - started:.0f} s)", flush=True)
+    started = time.perf_counter()
+    ref = logits(fp32, rows, tokenizer.pad_token_id)
+    results = [compare("fp32", ref, ref, target, time.perf_counter() - started)]
+    print(f"  fp32: acc {results[0]['acc']:.4f} ({results[0]['seconds']:.0f} s)", flush=True)
+    for v in variants:
+        started = time.perf_counter()
+        model = quantize(copy.deepcopy(fp32), v, calib, tokenizer.pad_token_id)
+        row = compare(v["name"], logits(model, rows, tokenizer.pad_token_id), ref, target, 0.0)
+        row["seconds"] = time.perf_counter() - started
+        results.append(row)
+        print(
+            f"  {v['name']}: acc {row['acc']:.4f}, flips {row['flips']} ({row['seconds']:.0f} s)", flush=True
+        )
+        del model
+    print(
+        f"\n| variant | acc ({args.split}, {len(rows)}) | vs fp32 | flips | fixed | broken | margin MAE | margin max |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['variant']} | {r['acc']:.4f} | {100 * (r['acc'] - results[0]['acc']):+.2f} | {r['flips']} | "
+            f"{r['fixed']} | {r['broken']} | {r['margin_mae']:.3f} | {r['margin_max']:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
