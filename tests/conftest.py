@@ -66,3 +66,12 @@ def reviews_csv(tmp_path) -> Path:
     path = tmp_path / "reviews.csv"
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny classifier of conf/model/tiny.yaml, in eval mode, and its tokenizer (one per test module)."""
+    from llm_lightning.models import load_classifier
+
+    model, tokenizer = load_classifier(OmegaConf.load(CONF / "model" / "tiny.yaml"), ["negative", "positive"])
+    return model.eval(), tokenizer

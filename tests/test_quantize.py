@@ -12,7 +12,6 @@ from torch import nn
 from torchao.quantization import Int8Tensor
 
 from llm_lightning.export import export_model
-from llm_lightning.models import load_classifier
 from llm_lightning.models.saved import load_saved
 from llm_lightning.quantize import (
     META_FILE,
@@ -31,12 +30,6 @@ CPU_METHODS = ("int8_dynamic", "int8_weight_only")
 # model: 1.6% (int8 dynamic), 3.6% (int8 weight-only); a wrong scale or layout is far above 10%.
 RELATIVE_TOLERANCE = 0.10
 TEXTS = ["a gorgeous, moving film", "dull and far too long", "fine", "an utter mess of a plot, but the cast"]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tokenizer = load_classifier(OmegaConf.load(CONF / "model" / "tiny.yaml"), ["negative", "positive"])
-    return model.eval(), tokenizer
 
 
 def logits(model: nn.Module, tokenizer) -> torch.Tensor:

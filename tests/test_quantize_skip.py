@@ -12,7 +12,6 @@ from torch import nn
 from torchao.quantization import Int8Tensor
 
 from llm_lightning.export import export_model
-from llm_lightning.models import load_classifier
 from llm_lightning.models.saved import load_saved
 from llm_lightning.quantize import (
     META_FILE,
@@ -23,23 +22,7 @@ from llm_lightning.quantize import (
     skipped_linears,
 )
 from tests.conftest import CONF, make_cfg
-
-TEXTS = ["a gorgeous, moving film", "dull and far too long", "fine"]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tokenizer = load_classifier(OmegaConf.load(CONF / "model" / "tiny.yaml"), ["negative", "positive"])
-    return model.eval(), tokenizer
-
-
-def logits(model: nn.Module, tokenizer) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits.float()
-
-
-def weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: m.weight for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+from tests.test_quantize import linear_weights, logits
 
 
 @pytest.mark.parametrize("method", ["int8_dynamic", "int8_weight_only"])
@@ -49,14 +32,14 @@ def test_skipped_layers_stay_float_and_the_rest_are_quantized(tiny, method):
     quantized = quantize_model(copy.deepcopy(model), method, skip=skip)
     kept = {f"model.layers.{i}.mlp.down_proj" for i in (0, 1)} | {"score"}
     kept |= {f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"}
-    original = weights(model)
-    for name, weight in weights(quantized).items():
+    original = linear_weights(model)
+    for name, weight in linear_weights(quantized).items():
         if name in kept:
             assert type(weight) is nn.Parameter and weight.dtype == torch.float32, name
             torch.testing.assert_close(weight, original[name], rtol=0, atol=0)  # untouched
         else:
             assert isinstance(weight, Int8Tensor) and weight.qdata.dtype == torch.int8, name
-    assert len(kept) == 7 and len(weights(quantized)) - len(kept) == 8
+    assert len(kept) == 7 and len(linear_weights(quantized)) - len(kept) == 8
     # Fewer layers rounded: the logits stay at least as close to fp32 as with everything quantized.
     reference = logits(model, tokenizer)
     everything = quantize_model(copy.deepcopy(model), method)
@@ -74,7 +57,7 @@ def test_a_pattern_that_matches_nothing_names_it_and_lists_the_layers(tiny):
     assert "'score'" not in message.split("match no")[0]  # only the bad patterns are blamed
     assert "15 linear layers" in message and "model.layers.0.self_attn.q_proj" in message
     # It failed before quantizing anything.
-    assert all(type(w) is nn.Parameter for w in weights(model).values())
+    assert all(type(w) is nn.Parameter for w in linear_weights(model).values())
 
 
 def test_patterns_match_whole_qualified_names(tiny):
@@ -96,7 +79,7 @@ def test_saved_model_keeps_the_skipped_layers_float(tiny, tmp_path):
     target = save_quantized(quantized, tokenizer, tmp_path / "quantized", "int8_dynamic", skip=skip)
     assert json.loads((target / META_FILE).read_text())["skip"] == skip
     loaded, _, _ = load_saved(target)
-    for name, weight in weights(loaded).items():
+    for name, weight in linear_weights(loaded).items():
         float_kept = name == "score" or name.endswith("down_proj")
         assert (type(weight) is nn.Parameter) == float_kept, name
         assert isinstance(weight, Int8Tensor) != float_kept, name

@@ -7,12 +7,10 @@ import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from torchao.quantization import Int8Tensor
 
 from llm_lightning.export import export_model
-from llm_lightning.models import load_classifier
 from llm_lightning.models.saved import load_saved
 from llm_lightning.quantize import (
     META_FILE,
@@ -21,20 +19,8 @@ from llm_lightning.quantize import (
     quantize_run,
     save_quantized,
 )
-from tests.conftest import CONF, make_cfg
-
-TEXTS = ["a gorgeous, moving film", "dull and far too long", "fine", "an utter mess of a plot, but the cast"]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tokenizer = load_classifier(OmegaConf.load(CONF / "model" / "tiny.yaml"), ["negative", "positive"])
-    return model.eval(), tokenizer
-
-
-def logits(model: nn.Module, tokenizer) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits.float()
+from tests.conftest import make_cfg
+from tests.test_quantize import logits
 
 
 def smoothquant(model: nn.Module, tokenizer, alpha: float = 0.5, skip=("score",)) -> nn.Module:

@@ -14,7 +14,6 @@ from torch import nn
 
 from llm_lightning.bench import BenchSettings, _percentile, measure
 from llm_lightning.data.tasks import Split, TaskData
-from llm_lightning.models import load_classifier
 from llm_lightning.stages import (
     COLUMNS,
     NoTestSplitError,
@@ -23,7 +22,6 @@ from llm_lightning.stages import (
     report_for_run,
     write_report,
 )
-from tests.conftest import CONF
 
 QUICK = BenchSettings(batch_sizes=(16, 32), throughput_texts=32, latency_texts=4, repeats=1)
 MEASURED_KEYS = (
@@ -40,12 +38,6 @@ MEASURED_KEYS = (
     "params",
     "threads",
 )
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tokenizer = load_classifier(OmegaConf.load(CONF / "model" / "tiny.yaml"), ["negative", "positive"])
-    return model.eval(), tokenizer
 
 
 @pytest.fixture
