@@ -1,7 +1,7 @@
 """Screenshot TensorBoard's Time Series dashboard for the README, with headless Chromium.
 
-    python docs/images/screenshot_tensorboard.py --logdir outputs/distill --runs '^(kd|nokd)-15/' \
-        --tags '^(train/(loss|ce|kd)_step|val/(acc|loss|f1_macro))$' --smoothing 0 \
+    python docs/images/screenshot_tensorboard.py --logdir outputs/distill --runs '^(kd|nokd)-depth15-3ep/' \
+        --tags '^(train/(loss|ce|kd)_step|val/(acc|loss|f1_macro))$' --smoothing 0.6 \
         --out docs/images/tensorboard.png
 
 Needs `chromium` on PATH and nothing else: Chromium is driven over `--remote-debugging-pipe`
