@@ -82,22 +82,29 @@ def build_classifier(cfg: DictConfig, label_names):
     return load_classifier(cfg.model, label_names)
 
 
+def with_transfer_set(cfg: DictConfig, data):
+    """`data`, plus the unlabeled texts of `distill.transfer` when distillation asks for them."""
+    transfer = cfg.distill.get("transfer") if cfg.get("distill") and cfg.distill.method != "none" else None
+    if not (transfer and transfer.source):
+        return data
+    from llm_lightning.data.transfer import with_transfer_set as append_transfer
+
+    if float(cfg.distill.alpha) == 0 and not cfg.distill.get("alpha_schedule"):
+        raise ValueError(
+            f"distill.transfer.source={transfer.source} adds unlabeled texts, but distill.alpha=0 "
+            "gives them no loss (only the KD term learns from them). Set distill.alpha > 0, or "
+            "distill.transfer.source=null."
+        )
+    labeled = len(data.train)
+    data = append_transfer(data, transfer, cfg.seed)
+    print(f"Transfer set ({transfer.source}): {len(data.train) - labeled:,} unlabeled texts", flush=True)
+    return data
+
+
 def build(cfg: DictConfig):
     """Everything `trainer.fit` needs, from the composed config."""
     data = load_task(cfg.task, cfg.seed)
-    transfer = cfg.distill.get("transfer") if cfg.get("distill") and cfg.distill.method != "none" else None
-    if transfer and transfer.source:
-        from llm_lightning.data.transfer import with_transfer_set
-
-        if float(cfg.distill.alpha) == 0 and not cfg.distill.get("alpha_schedule"):
-            raise ValueError(
-                f"distill.transfer.source={transfer.source} adds unlabeled texts, but distill.alpha=0 "
-                "gives them no loss (only the KD term learns from them). Set distill.alpha > 0, or "
-                "distill.transfer.source=null."
-            )
-        labeled = len(data.train)
-        data = with_transfer_set(data, transfer, cfg.seed)
-        print(f"Transfer set ({transfer.source}): {len(data.train) - labeled:,} unlabeled texts", flush=True)
+    data = with_transfer_set(cfg, data)
     log.info("Data: %s", data.sizes())
     print(f"Data ({cfg.task.name}): {data.sizes()}", flush=True)
     model, tokenizer = build_classifier(cfg, data.label_names)
