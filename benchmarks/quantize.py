@@ -5,8 +5,8 @@
 
 Variants: fp32 eager, fp32 + torch.compile, torchao int8 dynamic (eager and compiled) on every
 linear layer, the same `+config`: with conf/quantize/int8_dynamic.yaml's accuracy settings
-(`skip`, `smoothquant_alpha` calibrated on `calibration_texts` training texts; `--skip` and
-`--smoothquant-alpha` override them), torchao int8 weight-only, and the deprecated
+(`skip`, `smoothquant_alpha` calibrated on `calibration_texts` training texts, `activations`;
+`--skip`, `--smoothquant-alpha` and `--activations` override them), torchao int8 weight-only, and the deprecated
 torch.ao.quantization.quantize_dynamic as a comparison only.
 It also measures this CPU's matrix-multiply rates (2048^3 `torch.mm` in fp32, `torch._int_mm` in
 int8) and prints each variant's throughput as a fraction of the ceiling they allow: the rate
@@ -31,10 +31,22 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llm_lightning.bench import BenchSettings, cpu_name, measure, size_on_disk_mb  # noqa: E402
+from llm_lightning.bench import (  # noqa: E402
+    BenchSettings,
+    cpu_name,
+    interleaved_throughput,
+    measure,
+    size_on_disk_mb,
+)
 from llm_lightning.data import load_task  # noqa: E402
 from llm_lightning.models.saved import load_saved  # noqa: E402
-from llm_lightning.quantize import calibration_inputs, maybe_compile, quantize_model, save_quantized  # noqa: E402
+from llm_lightning.quantize import (  # noqa: E402
+    calibration_inputs,
+    maybe_compile,
+    quantize_model,
+    save_quantized,
+    saved_settings,
+)
 
 VARIANTS = (
     "fp32",
@@ -88,13 +100,14 @@ def build(variant: str, model_dir: Path, work: Path, qcfg, train_texts: list[str
         torch.save(quantized.state_dict(), folder / "weights.pt")
         return quantized, folder, tokenizer, n_linear
     method = variant.split("+")[0]
-    skip, alpha, calibration = [], None, []
+    settings = {"skip": [], "smoothquant_alpha": None, "activations": "symmetric"}
+    calibration = []
     if variant.endswith("+config"):
-        skip, alpha = list(qcfg.skip), qcfg.smoothquant_alpha
-        if alpha is not None:
+        settings = saved_settings(qcfg)
+        if settings["smoothquant_alpha"] is not None:
             calibration = calibration_inputs(tokenizer, train_texts, qcfg.calibration_texts, max_length)
-    quantized = quantize_model(model, method, skip=skip, smoothquant_alpha=alpha, calibration=calibration)
-    folder = save_quantized(quantized, tokenizer, work / variant, method, skip=skip, smoothquant_alpha=alpha)
+    quantized = quantize_model(model, method, calibration=calibration, **settings)
+    folder = save_quantized(quantized, tokenizer, work / variant, method, **settings)
     return maybe_compile(quantized, "+compile" in variant), folder, tokenizer, n_linear
 
 
@@ -113,6 +126,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--skip", help="+config variants: comma-separated fnmatch patterns kept in float")
     parser.add_argument("--smoothquant-alpha", help="+config variants: a float, or 'none'")
+    parser.add_argument("--activations", choices=("symmetric", "asymmetric"), help="+config variants")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="then time all variants in turns, this many rounds (0: skip); keeps every model in memory",
+    )
     args = parser.parse_args()
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -123,6 +143,8 @@ def main() -> None:
         qcfg.skip = [p for p in args.skip.split(",") if p]
     if args.smoothquant_alpha is not None:
         qcfg.smoothquant_alpha = None if args.smoothquant_alpha == "none" else float(args.smoothquant_alpha)
+    if args.activations:
+        qcfg.activations = args.activations
     torch.set_num_threads(args.threads)
     task = OmegaConf.load(ROOT / "conf" / "task" / "sentiment.yaml")
     data = load_task(task, args.seed)
@@ -139,14 +161,14 @@ def main() -> None:
     print(
         f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}; {len(test)} test texts; "
         f"+config: skip {list(qcfg.skip)}, smoothquant_alpha {qcfg.smoothquant_alpha} "
-        f"({qcfg.calibration_texts} training texts)",
+        f"({qcfg.calibration_texts} training texts), {qcfg.activations} activations",
         flush=True,
     )
     print(
         f"2048^3 matmul: fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, int8 _int_mm {rates['int8'] / 1e9:.0f} GOP/s",
         flush=True,
     )
-    rows = []
+    rows, kept = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
             started = time.perf_counter()
@@ -172,10 +194,38 @@ def main() -> None:
                 f"({row['seconds']:.0f} s)",
                 flush=True,
             )
-            del model
+            if args.rounds:
+                kept[variant] = (model, tokenizer)
+            else:
+                del model
     print_table(rows)
+    turns = in_turns(kept, test.texts[: args.texts], args.rounds, task.max_length)
     if args.json:
-        args.json.write_text(json.dumps({"rates": rates, "rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"rates": rates, "rows": rows, "in_turns": turns}, indent=2) + "\n")
+
+
+def in_turns(kept: dict, texts: list[str], rounds: int, max_length: int) -> dict:
+    """Batch-16 throughput of every kept variant timed in turns (llm_lightning.bench.interleaved_throughput),
+    on the texts in split order and sorted by length; prints a table of ratios to the first variant."""
+    if not kept:
+        return {}
+    models = {name: model for name, (model, _) in kept.items()}
+    tokenizer = next(iter(kept.values()))[1]
+    turns = {
+        order: interleaved_throughput(
+            models, tokenizer, texts, 16, rounds, max_length, by_length=order == "by length"
+        )
+        for order in ("split order", "by length")
+    }
+    first = next(iter(models))
+    print(f"\nIn turns ({rounds} rounds, batch 16, {len(texts)} texts; median tok/s, ratio to {first}):")
+    print("| variant | split order | vs first | sorted by length | vs first |\n|---|---|---|---|---|")
+    for name in models:
+        a, b = turns["split order"], turns["by length"]
+        print(
+            f"| {name} | {a[name]:,.0f} | {a[name] / a[first]:.2f}x | {b[name]:,.0f} | {b[name] / b[first]:.2f}x |"
+        )
+    return turns
 
 
 def print_table(rows: list[dict]) -> None:

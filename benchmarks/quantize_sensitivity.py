@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from llm_lightning.bench import pad  # noqa: E402
 from llm_lightning.data import load_task  # noqa: E402
 from llm_lightning.models.saved import load_saved  # noqa: E402
-from llm_lightning.quantize import linear_names, quantize_model, skipped_linears  # noqa: E402
+from llm_lightning.quantize import linear_names, quantize_model, skipped_linears, torchao_config  # noqa: E402
 
 
 def parse_variant(spec: str) -> dict:
@@ -54,45 +54,17 @@ def parse_variant(spec: str) -> dict:
     return variant
 
 
-def int8_config(asym: bool = False):
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, MappingType
-
-    mapping = MappingType.ASYMMETRIC if asym else MappingType.SYMMETRIC
-    return Int8DynamicActivationInt8WeightConfig(act_mapping_type=mapping)
-
-
 def quantize(model: nn.Module, variant: dict, calib_rows: list[list[int]], pad_id: int) -> nn.Module:
-    """The variant, through the package's own `quantize_model` unless it needs `asym`."""
-    from torchao.prototype.smoothquant import SmoothQuantConfig
-    from torchao.quantization import quantize_
-
-    if not variant["asym"]:
-        calibration = [torch.tensor([row]) for row in calib_rows] if variant["smooth"] is not None else []
-        return quantize_model(
-            model,
-            "int8_dynamic",
-            skip=variant["skip"],
-            smoothquant_alpha=variant["smooth"],
-            calibration=calibration,
-        )
-    keep = skipped_linears(model, variant["skip"])
-
-    def chosen(module: nn.Module, name: str) -> bool:
-        return isinstance(module, nn.Linear) and name not in keep
-
-    if variant["smooth"] is None:
-        quantize_(model, int8_config(asym=True), filter_fn=chosen)
-        return model
-    for step in ("prepare", "convert"):
-        config = SmoothQuantConfig(
-            int8_config(asym=True), step, alpha=variant["smooth"], use_running_absmax=True
-        )
-        quantize_(model, config, filter_fn=chosen)
-        if step == "prepare":
-            with torch.inference_mode():
-                for row in calib_rows:  # one text at a time: no pad tokens in the activation maxima
-                    model(*pad([row], pad_id))
-    return model
+    """The variant, through the package's own `quantize_model`."""
+    calibration = [torch.tensor([row]) for row in calib_rows] if variant["smooth"] is not None else []
+    return quantize_model(
+        model,
+        "int8_dynamic",
+        skip=variant["skip"],
+        smoothquant_alpha=variant["smooth"],
+        calibration=calibration,
+        activations="asymmetric" if variant["asym"] else "symmetric",
+    )
 
 
 def logits(model: nn.Module, rows: list[list[int]], pad_id: int, batch_size: int = 32) -> torch.Tensor:
@@ -129,7 +101,7 @@ def per_layer_errors(model: nn.Module, rows: list[list[int]], pad_id: int) -> di
     from torchao.quantization import quantize_
 
     quantized = copy.deepcopy(model)
-    quantize_(quantized, int8_config())
+    quantize_(quantized, torchao_config("int8_dynamic"))
     twins = dict(quantized.named_modules())
     err: dict[str, float] = defaultdict(float)
     norm: dict[str, float] = defaultdict(float)

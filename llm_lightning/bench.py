@@ -184,6 +184,35 @@ def _throughput(
     return {f"tokens_per_s_b{size}": tokens / seconds, f"texts_per_s_b{size}": len(rows) / seconds}
 
 
+def interleaved_throughput(
+    models: dict[str, nn.Module],
+    tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 16,
+    rounds: int = 5,
+    max_length: int = 128,
+    by_length: bool = False,
+) -> dict[str, float]:
+    """Real tokens/s of several (already warmed-up) models, timed in turns: round r times every
+    model once before round r + 1 starts, and each model's median over the rounds is reported.
+
+    On a shared or virtualised CPU the speed drifts by tens of percent within a minute; timing
+    the models one after another puts that drift into their ratio, taking turns spreads it
+    evenly. `by_length` sorts the texts by length first (as a batch job would; less padding).
+    """
+    rows = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    if by_length:
+        rows = sorted(rows, key=len)
+    batches = _batches(rows, batch_size, tokenizer.pad_token_id)
+    tokens = sum(int(mask.sum()) for _, mask in batches)
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, model in models.items():
+                seconds[name].append(_timed_pass(model, batches))
+    return {name: tokens / statistics.median(s) for name, s in seconds.items()}
+
+
 def _percentile(sorted_values: list[float], q: float) -> float:
     """Linear interpolation between closest ranks (numpy's default)."""
     if len(sorted_values) == 1:

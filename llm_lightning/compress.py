@@ -92,7 +92,7 @@ def compress(chain: DictConfig) -> dict:
 def quantize_and_report(cfg: DictConfig, out: Path) -> dict:
     from llm_lightning.data import load_task
     from llm_lightning.models.saved import load_saved
-    from llm_lightning.quantize import check_platform, quantize_with_config, save_quantized
+    from llm_lightning.quantize import check_platform, quantize_with_config, save_quantized, saved_settings
     from llm_lightning.stages import bench_settings, measure_stage, require_test_split, write_report
 
     q = cfg.quantize
@@ -102,8 +102,7 @@ def quantize_and_report(cfg: DictConfig, out: Path) -> dict:
     if not done(out, "quantized"):
         model, tokenizer, _ = load_saved(out / "distilled" / "model")
         quantized = quantize_with_config(model, tokenizer, q, data, cfg.task.max_length)
-        skip, alpha = list(q.get("skip") or []), q.get("smoothquant_alpha")
-        save_quantized(quantized, tokenizer, out / "quantized", q.method, q.compile, skip, alpha)
+        save_quantized(quantized, tokenizer, out / "quantized", q.method, q.compile, **saved_settings(q))
         print(f"[compress] quantized: {q.method} -> {out / 'quantized'}", flush=True)
     settings, rows, previous = bench_settings(cfg), [], None
     for stage in (*TRAINING_STAGES, "quantized"):

@@ -10,7 +10,7 @@ The quantized model is evaluated on the task's test split, benchmarked next to i
     quantized/
       config.json, tokenizer files    as in model/ (save_pretrained)
       quantization.json               {"format": 1, "method", "compile", "skip",
-                                      "smoothquant_alpha", "torch", "torchao", "weights",
+                                      "smoothquant_alpha", "activations", "torch", "torchao", "weights",
                                       "attn_implementation"}
       quantized_weights.pt            torch.save(state_dict): the quantized linear weights are torchao
                                       tensor subclasses (Int8Tensor), everything else (embeddings,
@@ -38,6 +38,7 @@ from llm_lightning.export import atomic_dir
 log = logging.getLogger(__name__)
 
 METHODS = ("none", "int8_dynamic", "int8_weight_only", "int4_weight_only")
+ACTIVATIONS = ("symmetric", "asymmetric")  # int8_dynamic's per-token activation scales
 WEIGHTS_FILE = "quantized_weights.pt"
 META_FILE = "quantization.json"
 FORMAT_VERSION = 1
@@ -52,17 +53,21 @@ def check_method(method: str) -> None:
         raise ValueError(f"quantize.method={method!r} is not one of {METHODS} (config group `quantize=`).")
 
 
-def torchao_config(method: str, group_size: int = 128):
+def torchao_config(method: str, group_size: int = 128, activations: str = "symmetric"):
     """The torchao `quantize_` config for a method (not `none`)."""
     from torchao.quantization import (
         Int4WeightOnlyConfig,
         Int8DynamicActivationInt8WeightConfig,
         Int8WeightOnlyConfig,
+        MappingType,
     )
 
     check_method(method)
     if method == "int8_dynamic":  # per-token int8 activations, per-row int8 weights: torch._int_mm
-        return Int8DynamicActivationInt8WeightConfig()
+        # asymmetric: each token's int8 range spans [min, max] instead of [-max|x|, max|x|] (a zero
+        # point per token, corrected after the matmul with the weights' row sums)
+        mapping = MappingType.ASYMMETRIC if activations == "asymmetric" else MappingType.SYMMETRIC
+        return Int8DynamicActivationInt8WeightConfig(act_mapping_type=mapping)
     if method == "int8_weight_only":  # int8 weights dequantized inside the fp32 matmul
         return Int8WeightOnlyConfig()
     if method == "int4_weight_only":
@@ -130,6 +135,7 @@ def quantize_model(
     skip: Sequence[str] = (),
     smoothquant_alpha: float | None = None,
     calibration: Sequence[torch.Tensor] = (),
+    activations: str = "symmetric",
 ) -> nn.Module:
     """Quantize the model's linear layers in place and return it in eval mode.
 
@@ -142,6 +148,7 @@ def quantize_model(
             it at run time, so an outlier channel no longer sets every token's int8 scale.
         calibration: input_ids tensors, each (1, seq_len), run one at a time (no padding) to
             measure max|x_j|; needed with smoothquant_alpha.
+        activations: int8_dynamic only; "symmetric" or "asymmetric" per-token activation scales.
     """
     from torchao.quantization import quantize_
     from torchao.quantization.quant_api import _is_linear  # torchao's default filter
@@ -151,6 +158,7 @@ def quantize_model(
     if method == "none":
         return model
     check_smoothquant(method, smoothquant_alpha, len(calibration))
+    check_activations(method, activations)
     keep = skipped_linears(model, list(skip))
     device = next(model.parameters()).device.type
     check_platform(method, device, group_size)
@@ -163,13 +171,13 @@ def quantize_model(
         return _is_linear(module) and name not in keep
 
     if smoothquant_alpha is None:
-        quantize_(model, torchao_config(method, group_size), filter_fn=chosen)
+        quantize_(model, torchao_config(method, group_size, activations), filter_fn=chosen)
         return model
     from torchao.prototype.smoothquant import SmoothQuantConfig
 
     def smoothquant(step: str) -> SmoothQuantConfig:
         # running abs-max observers: texts of any length, O(channels) memory
-        base = torchao_config(method, group_size)
+        base = torchao_config(method, group_size, activations)
         return SmoothQuantConfig(base, step, alpha=float(smoothquant_alpha), use_running_absmax=True)
 
     quantize_(model, smoothquant("prepare"), filter_fn=chosen)
@@ -200,6 +208,16 @@ def check_smoothquant(method: str, alpha: float | None, calibration_texts: int) 
         raise ValueError("; ".join(problems) + ".")
 
 
+def check_activations(method: str, activations: str) -> None:
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"quantize.activations={activations!r} is not one of {ACTIVATIONS}.")
+    if activations == "asymmetric" and method != "int8_dynamic":
+        raise ValueError(
+            f"quantize.activations='asymmetric' needs quantize=int8_dynamic (the only choice that "
+            f"quantizes activations); quantize.method is {method!r}: set it to symmetric."
+        )
+
+
 def calibration_inputs(tokenizer, texts: Sequence[str], n: int, max_length: int) -> list[torch.Tensor]:
     """The first `n` texts as (1, seq_len) input_ids tensors, for `quantize_model(calibration=...)`."""
     rows = tokenizer(list(texts[:n]), truncation=True, max_length=max_length)["input_ids"]
@@ -216,8 +234,23 @@ def quantize_with_config(model: nn.Module, tokenizer, qcfg: DictConfig, data, ma
             tokenizer, data.train.texts, int(qcfg.get("calibration_texts", 64)), max_length
         )
     return quantize_model(
-        model, qcfg.method, qcfg.get("group_size", 128), list(qcfg.get("skip") or []), alpha, calibration
+        model,
+        qcfg.method,
+        qcfg.get("group_size", 128),
+        list(qcfg.get("skip") or []),
+        alpha,
+        calibration,
+        qcfg.get("activations", "symmetric"),
     )
+
+
+def saved_settings(qcfg: DictConfig) -> dict:
+    """The accuracy settings of a `quantize=` config, as `save_quantized` keyword arguments."""
+    return {
+        "skip": list(qcfg.get("skip") or []),
+        "smoothquant_alpha": qcfg.get("smoothquant_alpha"),
+        "activations": qcfg.get("activations", "symmetric"),
+    }
 
 
 def maybe_compile(model: nn.Module, compile: bool) -> nn.Module:
@@ -229,12 +262,40 @@ def maybe_compile(model: nn.Module, compile: bool) -> nn.Module:
     """
     if not compile:
         return model
+    _constant_cpu_probes()
     layers = getattr(getattr(model, "model", None), "layers", None)
     if isinstance(layers, nn.ModuleList) and len(layers) > 0:
         for layer in layers:
             layer.compile(dynamic=True)
         return model
     return torch.compile(model, dynamic=True)
+
+
+def _constant_cpu_probes() -> None:
+    """Let torch.compile trace torchao's int8 matmul on CPU in one graph.
+
+    torchao 0.18's `int_scaled_matmul` asks `torch._C._cpu._is_amx_tile_supported()` (and VNNI)
+    on every call to pick its u8s8 or s8s8 path. Dynamo cannot trace that C function, so each
+    quantized linear split the decoder layer's graph (7 breaks per layer): the activation
+    quantization, the matmul and its rescale ran as separate graphs that inductor could not fuse.
+    The answers are properties of the CPU, so they are asked once here and the module's names
+    rebound to functions that return them. Idempotent; a torchao without these names is left alone.
+    """
+    try:
+        from torchao.kernel import intmm
+    except ImportError:
+        return
+    for name in ("_cpu_is_amx_tile_supported", "_cpu_is_vnni_supported"):
+        probe = getattr(intmm, name, None)
+        if probe is None or getattr(probe, "_llm_lightning_constant", False):
+            continue
+        answer = bool(probe())
+
+        def constant(answer: bool = answer) -> bool:
+            return answer
+
+        constant._llm_lightning_constant = True
+        setattr(intmm, name, constant)
 
 
 def save_quantized(
@@ -245,6 +306,7 @@ def save_quantized(
     compile: bool = False,
     skip: Sequence[str] = (),
     smoothquant_alpha: float | None = None,
+    activations: str = "symmetric",
 ) -> Path:
     """Write the quantized model in the format described at the top of this file."""
     import torchao
@@ -259,6 +321,7 @@ def save_quantized(
             "compile": bool(compile),
             "skip": list(skip),  # fnmatch patterns of the linear layers left in float
             "smoothquant_alpha": smoothquant_alpha,  # the smoothing is inside the weights (act_pre_scale)
+            "activations": activations if method == "int8_dynamic" else None,
             "torch": torch.__version__,
             "torchao": torchao.__version__,
             "weights": WEIGHTS_FILE,
@@ -338,9 +401,12 @@ def quantize_run(cfg: DictConfig, out: Path, model_dir: Path | None = None) -> d
     skipped_linears(model, skip)  # a bad pattern fails now, not after the fp32 benchmark
     alpha = qcfg.get("smoothquant_alpha")
     check_smoothquant(qcfg.method, alpha, len(data.train) and int(qcfg.get("calibration_texts", 64)))
+    check_activations(qcfg.method, qcfg.get("activations", "symmetric"))
     rows = [measure_stage("fp32", model, tokenizer, data, cfg, model_dir, settings, compile=False)]
     quantized = quantize_with_config(model, tokenizer, qcfg, data, cfg.task.max_length)
-    target = save_quantized(quantized, tokenizer, out / "quantized", qcfg.method, qcfg.compile, skip, alpha)
+    target = save_quantized(
+        quantized, tokenizer, out / "quantized", qcfg.method, qcfg.compile, **saved_settings(qcfg)
+    )
     name = qcfg.method + ("+compile" if qcfg.compile else "")
     rows.append(
         measure_stage(

@@ -82,7 +82,9 @@ def _from_pretrained(
 
 
 def _with_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
-    """Llama ships no pad token; the classifier pools the last non-pad token, so it must know one.
+    """Set the pad token, right padding and no KV cache.
+
+    Llama ships no pad token; the classifier pools the last non-pad token, so it must know one.
 
     Padding is on the right, and the pooled token is the rightmost non-pad one, so reusing
     EOS as pad is safe as long as inputs do not end in EOS (we never append it).
@@ -91,6 +93,10 @@ def _with_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"
     model.config.pad_token_id = tokenizer.pad_token_id
+    # A classifier never generates: with the default use_cache=True every forward also fills a
+    # KV cache it throws away, and torch.compile recompiles each decoder layer for it (one guard
+    # per layer index) until it hits the recompile limit and runs the rest eagerly.
+    model.config.use_cache = False
     return model, tokenizer
 
 

@@ -1,0 +1,74 @@
+"""Timing several models in turns (bench.interleaved_throughput), and the classifier's KV cache
+being off (a cache-filling forward is slower and makes torch.compile recompile per layer)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llm_lightning.bench import interleaved_throughput
+
+
+class Recorder(nn.Module):
+    """Wraps a classifier and appends its name to a shared log on every forward."""
+
+    def __init__(self, model: nn.Module, name: str, log: list[str]):
+        super().__init__()
+        self.model, self.name, self.log = model, name, log
+
+    def forward(self, **kwargs):
+        self.log.append(self.name)
+        return self.model(**kwargs)
+
+
+TEXTS = ["a fine film", "dull", "one of the best films of the year, moving and funny", "bad"] * 5
+
+
+def test_models_take_turns_and_every_one_is_reported(tiny):
+    model, tokenizer = tiny
+    log: list[str] = []
+    models = {"a": Recorder(model, "a", log), "b": Recorder(model, "b", log)}
+    speeds = interleaved_throughput(models, tokenizer, TEXTS, batch_size=8, rounds=3)
+    assert set(speeds) == {"a", "b"} and all(v > 0 for v in speeds.values())
+    batches = 3  # 20 texts in batches of 8
+    expected = (["a"] * batches + ["b"] * batches) * 3
+    assert log == expected
+
+
+def test_by_length_sorts_texts_so_batches_pad_less(tiny):
+    model, tokenizer = tiny
+    shapes: list[tuple[int, int]] = []
+
+    class Shapes(nn.Module):
+        def forward(self, input_ids, attention_mask):
+            shapes.append(tuple(input_ids.shape))
+            return model(input_ids=input_ids, attention_mask=attention_mask)
+
+    interleaved_throughput({"m": Shapes()}, tokenizer, TEXTS, batch_size=5, rounds=1)
+    in_order = sum(b * w for b, w in shapes)
+    shapes.clear()
+    interleaved_throughput({"m": Shapes()}, tokenizer, TEXTS, batch_size=5, rounds=1, by_length=True)
+    assert sum(b * w for b, w in shapes) < in_order
+
+
+def test_loaded_classifiers_do_not_fill_a_kv_cache(tiny):
+    model, tokenizer = tiny
+    assert model.config.use_cache is False
+    ids = tokenizer(["a fine film"], return_tensors="pt")
+    with torch.inference_mode():
+        out = model(**ids)
+    assert getattr(out, "past_key_values", None) is None
+
+
+def test_exported_model_loads_without_kv_cache(tiny, tmp_path):
+    from llm_lightning.models import load_exported
+
+    model, tokenizer = tiny
+    model.config.use_cache = True  # as a checkpoint written before this change would have it
+    try:
+        model.save_pretrained(tmp_path)
+        tokenizer.save_pretrained(tmp_path)
+    finally:
+        model.config.use_cache = False
+    loaded, _ = load_exported(tmp_path)
+    assert loaded.config.use_cache is False
