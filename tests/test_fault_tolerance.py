@@ -168,3 +168,17 @@ def test_sigkilled_run_resumes_to_the_same_weights_and_metrics(tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
     written = json.loads((killed / "metrics.json").read_text())  # the resumed run finished the job
     assert written["test/acc"] == resumed["test/acc"]
+
+
+def test_atomic_dir_gets_the_permissions_of_a_plain_mkdir(tmp_path):
+    """mkdtemp makes 0700 folders; an exported model must be readable like any other folder."""
+    import os
+
+    from llm_lightning.export import atomic_dir
+
+    umask = os.umask(0o022)
+    try:
+        target = atomic_dir(tmp_path / "model", lambda tmp: (tmp / "config.json").write_text("{}"))
+    finally:
+        os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == 0o755
