@@ -118,6 +118,7 @@ def test_prune_then_distil_experiments_shrink_the_student_and_train_it_under_the
             prune,
             "prune.batches=2",
             "trainer.max_epochs=1",
+            "distill.transfer.limit=8",  # distill_mlp ships with the IMDB transfer set
         ],
     )
     metrics, _ = train(cfg)
