@@ -38,11 +38,11 @@ from llm_lightning.bench import (  # noqa: E402
     measure,
     size_on_disk_mb,
 )
+from llm_lightning.compiling import maybe_compile  # noqa: E402
 from llm_lightning.data import load_task  # noqa: E402
 from llm_lightning.models.saved import load_saved  # noqa: E402
 from llm_lightning.quantize import (  # noqa: E402
     calibration_inputs,
-    maybe_compile,
     quantize_model,
     save_quantized,
     saved_settings,

@@ -92,7 +92,7 @@ def measure_stage(
     `compressed`: the stage claims to make its input smaller or faster (pruning, quantization), so
     the speed gate applies; a stage that only retrains (distillation into the same shape) does not.
     """
-    from llm_lightning.quantize import maybe_compile
+    from llm_lightning.compiling import maybe_compile
 
     require_test_split(data, str(path or name))
     runnable = maybe_compile(model, compile)

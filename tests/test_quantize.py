@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torchao.quantization import Int8Tensor
 
+from llm_lightning.compiling import maybe_compile
 from llm_lightning.export import export_model
 from llm_lightning.models.saved import load_saved
 from llm_lightning.quantize import (
@@ -18,7 +19,6 @@ from llm_lightning.quantize import (
     METHODS,
     QuantizationUnsupportedError,
     check_platform,
-    maybe_compile,
     quantize_model,
     quantize_run,
     save_quantized,

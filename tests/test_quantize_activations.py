@@ -9,8 +9,9 @@ import pytest
 import torch
 from torchao.quantization import MappingType
 
+from llm_lightning.compiling import maybe_compile
 from llm_lightning.models.saved import load_saved
-from llm_lightning.quantize import META_FILE, maybe_compile, quantize_model, save_quantized
+from llm_lightning.quantize import META_FILE, quantize_model, save_quantized
 from tests.test_quantize import logits
 
 
