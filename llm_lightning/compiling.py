@@ -32,8 +32,8 @@ def _constant_cpu_probes() -> None:
     """Let torch.compile trace torchao's int8 matmul on CPU in one graph.
 
     torchao 0.18's `int_scaled_matmul` asks `torch._C._cpu._is_amx_tile_supported()` (and VNNI)
-    on every call to pick its u8s8 or s8s8 path. Dynamo cannot trace that C function, so each
-    quantized linear split the decoder layer's graph (7 breaks per layer): the activation
+    on every call to pick its u8s8 or s8s8 path. Dynamo cannot trace that C function, so the
+    graph broke inside every quantized linear of a decoder layer: the activation
     quantization, the matmul and its rescale ran as separate graphs that inductor could not fuse.
     The answers are properties of the CPU, so they are asked once here and the module's names
     rebound to functions that return them. Idempotent; a torchao without these names is left alone.

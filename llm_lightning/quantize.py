@@ -234,13 +234,7 @@ def quantize_with_config(model: nn.Module, tokenizer, qcfg: DictConfig, data, ma
             tokenizer, data.train.texts, int(qcfg.get("calibration_texts", 64)), max_length
         )
     return quantize_model(
-        model,
-        qcfg.method,
-        qcfg.get("group_size", 128),
-        list(qcfg.get("skip") or []),
-        alpha,
-        calibration,
-        qcfg.get("activations", "symmetric"),
+        model, qcfg.method, qcfg.get("group_size", 128), calibration=calibration, **saved_settings(qcfg)
     )
 
 
