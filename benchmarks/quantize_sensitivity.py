@@ -54,7 +54,7 @@ def parse_variant(spec: str) -> dict:
     return variant
 
 
-def quantize(model: nn.Module, variant: dict, calib_rows: list[list[int]], pad_id: int) -> nn.Module:
+def quantize(model: nn.Module, variant: dict, calib_rows: list[list[int]]) -> nn.Module:
     """The variant, through the package's own `quantize_model`."""
     calibration = [torch.tensor([row]) for row in calib_rows] if variant["smooth"] is not None else []
     return quantize_model(
@@ -194,7 +194,7 @@ def main() -> None:
     print(f"  fp32: acc {results[0]['acc']:.4f} ({results[0]['seconds']:.0f} s)", flush=True)
     for v in variants:
         started = time.perf_counter()
-        model = quantize(copy.deepcopy(fp32), v, calib, tokenizer.pad_token_id)
+        model = quantize(copy.deepcopy(fp32), v, calib)
         row = compare(v["name"], logits(model, rows, tokenizer.pad_token_id), ref, target, 0.0)
         row["seconds"] = time.perf_counter() - started
         results.append(row)

@@ -26,8 +26,8 @@ def test_activations_choose_the_mapping_of_every_quantized_layer(tiny):
         ("asymmetric", MappingType.ASYMMETRIC),
     ):
         quantized = int8(model, activations)
-        weight = quantized.model.layers[0].mlp.up_proj.weight
-        assert weight.act_quant_kwargs.mapping_type == mapping
+        linears = [m for m in quantized.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all(m.weight.act_quant_kwargs.mapping_type == mapping for m in linears)
 
 
 def test_both_activation_mappings_stay_close_to_fp32(tiny):
@@ -72,15 +72,15 @@ def test_compiled_int8_layers_trace_in_one_graph_each(tiny):
     from torch._dynamo.utils import counters
 
     model, tokenizer = tiny
-    for activations in ("asymmetric",):  # the default; symmetric takes the same matmul path
-        torch._dynamo.reset()
-        counters.clear()
-        quantized = maybe_compile(
-            quantize_model(copy.deepcopy(model), "int8_dynamic", activations=activations), True
-        )
-        eager = quantize_model(copy.deepcopy(model), "int8_dynamic", activations=activations)
-        ids = tokenizer(["a fine film", "dull and long, far too long"], return_tensors="pt", padding=True)
-        with torch.inference_mode():
-            got, expected = quantized(**ids).logits, eager(**ids).logits
-        assert sum(counters["graph_break"].values()) == 0, (activations, dict(counters["graph_break"]))
-        torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)
+    activations = "asymmetric"  # the chain's choice; symmetric takes the same matmul path
+    torch._dynamo.reset()
+    counters.clear()
+    quantized = maybe_compile(
+        quantize_model(copy.deepcopy(model), "int8_dynamic", activations=activations), True
+    )
+    eager = quantize_model(copy.deepcopy(model), "int8_dynamic", activations=activations)
+    ids = tokenizer(["a fine film", "dull and long, far too long"], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        got, expected = quantized(**ids).logits, eager(**ids).logits
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)
