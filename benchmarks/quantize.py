@@ -41,12 +41,8 @@ from llm_lightning.bench import (  # noqa: E402
 from llm_lightning.compiling import maybe_compile  # noqa: E402
 from llm_lightning.data import load_task  # noqa: E402
 from llm_lightning.models.saved import load_saved  # noqa: E402
-from llm_lightning.quantize import (  # noqa: E402
-    calibration_inputs,
-    quantize_model,
-    save_quantized,
-    saved_settings,
-)
+from llm_lightning.quantize import calibration_inputs, quantize_model, saved_settings  # noqa: E402
+from llm_lightning.quantized_dir import save_quantized  # noqa: E402
 
 VARIANTS = (
     "fp32",
@@ -55,6 +51,7 @@ VARIANTS = (
     "int8_dynamic+compile",
     "int8_dynamic+config",
     "int8_dynamic+compile+config",
+    "int8_dynamic+compile+config+torchao_zero_point",  # asymmetric by torchao's zero point, not centring
     "int8_weight_only",
     "torch.ao_dynamic",
 )
@@ -102,11 +99,12 @@ def build(variant: str, model_dir: Path, work: Path, qcfg, train_texts: list[str
     method = variant.split("+")[0]
     settings = {"skip": [], "smoothquant_alpha": None, "activations": "symmetric"}
     calibration = []
-    if variant.endswith("+config"):
+    if "+config" in variant:
         settings = saved_settings(qcfg)
         if settings["smoothquant_alpha"] is not None:
             calibration = calibration_inputs(tokenizer, train_texts, qcfg.calibration_texts, max_length)
-    quantized = quantize_model(model, method, calibration=calibration, **settings)
+    zero_point = "torchao" if variant.endswith("+torchao_zero_point") else "centering"
+    quantized = quantize_model(model, method, calibration=calibration, zero_point=zero_point, **settings)
     folder = save_quantized(quantized, tokenizer, work / variant, method, **settings)
     return maybe_compile(quantized, "+compile" in variant), folder, tokenizer, n_linear
 

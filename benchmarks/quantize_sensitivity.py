@@ -12,7 +12,8 @@ giving ||y_int8 - y_fp32|| / ||y_fp32|| over real (non-pad) tokens.
 Variant grammar: `;` separates variants; within one, `+` joins options:
 `all` (every linear int8), `skip=PAT,PAT` (keep those in float; fnmatch on module names),
 `smooth=ALPHA` (torchao SmoothQuant, calibrated on `--calib` training texts), `asym`
-(asymmetric per-token activations).
+(asymmetric per-token activations, by centring: llm_lightning.centering), `zp` (with asym: by
+torchao's own zero point instead).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from llm_lightning.quantize import linear_names, quantize_model, skipped_linears
 
 
 def parse_variant(spec: str) -> dict:
-    variant = {"name": spec, "skip": [], "smooth": None, "asym": False}
+    variant = {"name": spec, "skip": [], "smooth": None, "asym": False, "zp": False}
     for part in spec.split("+"):
         key, _, value = part.partition("=")
         if key == "all":
@@ -47,10 +48,12 @@ def parse_variant(spec: str) -> dict:
             variant["skip"] = [p for p in value.split(",") if p]
         elif key == "smooth":
             variant["smooth"] = float(value)
-        elif key == "asym":
-            variant["asym"] = True
+        elif key in ("asym", "zp"):
+            variant[key] = True
         else:
-            raise SystemExit(f"unknown variant option {part!r} in {spec!r}; use all, skip=, smooth=, asym")
+            raise SystemExit(
+                f"unknown variant option {part!r} in {spec!r}; use all, skip=, smooth=, asym, zp"
+            )
     return variant
 
 
@@ -64,6 +67,7 @@ def quantize(model: nn.Module, variant: dict, calib_rows: list[list[int]]) -> nn
         smoothquant_alpha=variant["smooth"],
         calibration=calibration,
         activations="asymmetric" if variant["asym"] else "symmetric",
+        zero_point="torchao" if variant["zp"] else "centering",
     )
 
 

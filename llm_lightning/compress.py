@@ -24,7 +24,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from llm_lightning.quantize import META_FILE
+from llm_lightning.quantized_dir import META_FILE
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def compress(chain: DictConfig) -> dict:
 def quantize_and_report(cfg: DictConfig, out: Path) -> dict:
     from llm_lightning.data import load_task
     from llm_lightning.models.saved import load_saved
-    from llm_lightning.quantize import check_platform, quantize_with_config, save_quantized, saved_settings
+    from llm_lightning.quantize import check_platform, quantize_with_config, saved_settings
+    from llm_lightning.quantized_dir import save_quantized
     from llm_lightning.stages import bench_settings, measure_stage, require_test_split, write_report
 
     q = cfg.quantize

@@ -4,20 +4,8 @@
     python -m llm_lightning.train task=sentiment quantize=int8_dynamic     # after training, on model/
 
 The quantized model is evaluated on the task's test split, benchmarked next to its fp32 input
-(llm_lightning.bench), and saved to `<run>/quantized/` in this format, which
-`llm_lightning.models.saved.load_saved` (evaluate, predict) loads:
-
-    quantized/
-      config.json, tokenizer files    as in model/ (save_pretrained)
-      quantization.json               {"format": 1, "method", "compile", "skip",
-                                      "smoothquant_alpha", "activations", "torch", "torchao", "weights",
-                                      "attn_implementation"}
-      quantized_weights.pt            torch.save(state_dict): the quantized linear weights are torchao
-                                      tensor subclasses (Int8Tensor), everything else (embeddings,
-                                      the `quantize.skip` layers) plain tensors
-
-`quantized_weights.pt` loads with `torch.load(weights_only=True)`: torchao registers its tensor
-classes as safe globals, so no pickled code runs. The weights need the same major torchao version.
+(llm_lightning.bench), and saved to `<run>/quantized/` in the format of
+`llm_lightning.quantized_dir`, which `evaluate` and `predict` load.
 """
 
 from __future__ import annotations
@@ -33,15 +21,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from llm_lightning.export import atomic_dir
+from llm_lightning.centering import center_activations
+from llm_lightning.quantized_dir import save_quantized
 
 log = logging.getLogger(__name__)
 
 METHODS = ("none", "int8_dynamic", "int8_weight_only", "int4_weight_only")
 ACTIVATIONS = ("symmetric", "asymmetric")  # int8_dynamic's per-token activation scales
-WEIGHTS_FILE = "quantized_weights.pt"
-META_FILE = "quantization.json"
-FORMAT_VERSION = 1
 
 
 class QuantizationUnsupportedError(RuntimeError):
@@ -136,6 +122,7 @@ def quantize_model(
     smoothquant_alpha: float | None = None,
     calibration: Sequence[torch.Tensor] = (),
     activations: str = "symmetric",
+    zero_point: str = "centering",
 ) -> nn.Module:
     """Quantize the model's linear layers in place and return it in eval mode.
 
@@ -149,6 +136,9 @@ def quantize_model(
         calibration: input_ids tensors, each (1, seq_len), run one at a time (no padding) to
             measure max|x_j|; needed with smoothquant_alpha.
         activations: int8_dynamic only; "symmetric" or "asymmetric" per-token activation scales.
+        zero_point: how asymmetric activations are done: "centering" (llm_lightning.centering:
+            torchao's symmetric kernel on centred tokens, as fast as symmetric) or "torchao" (its
+            own zero point, which re-sums the weights every call; kept for benchmarks).
     """
     from torchao.quantization import quantize_
     from torchao.quantization.quant_api import _is_linear  # torchao's default filter
@@ -166,13 +156,16 @@ def quantize_model(
         model.to(torch.bfloat16)  # tinygemm packs bf16 weights
     if keep:
         log.info("quantize.skip keeps %d linear layers in float: %s", len(keep), sorted(keep))
+    centre = activations == "asymmetric" and zero_point == "centering"
+    if centre:
+        activations = "symmetric"  # torchao quantizes the centred tokens symmetrically
 
     def chosen(module: nn.Module, name: str) -> bool:
         return _is_linear(module) and name not in keep
 
     if smoothquant_alpha is None:
         quantize_(model, torchao_config(method, group_size, activations), filter_fn=chosen)
-        return model
+        return _centred(model) if centre else model
     from torchao.prototype.smoothquant import SmoothQuantConfig
 
     def smoothquant(step: str) -> SmoothQuantConfig:
@@ -185,6 +178,11 @@ def quantize_model(
         for ids in calibration:
             model(input_ids=ids.to(device))
     quantize_(model, smoothquant("convert"), filter_fn=chosen)
+    return _centred(model) if centre else model
+
+
+def _centred(model: nn.Module) -> nn.Module:
+    center_activations(model)
     return model
 
 
@@ -245,80 +243,6 @@ def saved_settings(qcfg: DictConfig) -> dict:
         "smoothquant_alpha": qcfg.get("smoothquant_alpha"),
         "activations": qcfg.get("activations", "symmetric"),
     }
-
-
-def save_quantized(
-    model: nn.Module,
-    tokenizer,
-    target: Path,
-    method: str,
-    compile: bool = False,
-    skip: Sequence[str] = (),
-    smoothquant_alpha: float | None = None,
-    activations: str = "symmetric",
-) -> Path:
-    """Write the quantized model in the format described at the top of this file."""
-    import torchao
-
-    def write(tmp: Path) -> None:
-        model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        torch.save(model.state_dict(), tmp / WEIGHTS_FILE)
-        meta = {
-            "format": FORMAT_VERSION,
-            "method": method,
-            "compile": bool(compile),
-            "skip": list(skip),  # fnmatch patterns of the linear layers left in float
-            "smoothquant_alpha": smoothquant_alpha,  # the smoothing is inside the weights (act_pre_scale)
-            "activations": activations if method == "int8_dynamic" else None,
-            "torch": torch.__version__,
-            "torchao": torchao.__version__,
-            "weights": WEIGHTS_FILE,
-            # not in config.json; eager attention is the faster one on CPU for short texts
-            "attn_implementation": getattr(model.config, "_attn_implementation", None),
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-
-    return atomic_dir(target, write)
-
-
-def is_quantized_dir(path: Path) -> bool:
-    return (Path(path) / META_FILE).exists()
-
-
-def load_quantized(path: Path):
-    """Return (model, tokenizer) from a folder written by `save_quantized`, in eval mode, not compiled."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    from llm_lightning.models import _with_pad_token
-
-    path = Path(path)
-    meta = json.loads((path / META_FILE).read_text())
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path / META_FILE}: format {meta.get('format')!r}; this version reads {FORMAT_VERSION}."
-        )
-    from transformers.initialization import no_init_weights
-
-    config = AutoConfig.from_pretrained(path)
-    with no_init_weights():  # the placeholders are replaced below; untouched pages cost no memory
-        model = AutoModelForSequenceClassification.from_config(
-            config, dtype=torch.float32, attn_implementation=meta.get("attn_implementation") or "eager"
-        )
-    state = torch.load(path / meta["weights"], map_location="cpu", weights_only=True)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not _tied(model, k)]
-    if missing or unexpected:
-        raise ValueError(
-            f"{path / meta['weights']} does not fit {path / 'config.json'}: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}."
-        )
-    model.tie_weights()
-    return _with_pad_token(model.eval(), AutoTokenizer.from_pretrained(path))
-
-
-def _tied(model: nn.Module, key: str) -> bool:
-    return key.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)
 
 
 def quantize_run(cfg: DictConfig, out: Path, model_dir: Path | None = None) -> dict:

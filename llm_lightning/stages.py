@@ -242,7 +242,7 @@ def to_tensorboard(report: dict, logdir: Path) -> None:
 
 def stage_dirs(run_dir: Path) -> list[tuple[str, Path, str | None, bool]]:
     """(stage, folder, input stage, compile) for every exported stage in a run directory, in chain order."""
-    from llm_lightning.quantize import META_FILE
+    from llm_lightning.quantized_dir import META_FILE
 
     found = []
     if (run_dir / "model" / "config.json").exists():

@@ -15,14 +15,13 @@ from llm_lightning.compiling import maybe_compile
 from llm_lightning.export import export_model
 from llm_lightning.models.saved import load_saved
 from llm_lightning.quantize import (
-    META_FILE,
     METHODS,
     QuantizationUnsupportedError,
     check_platform,
     quantize_model,
     quantize_run,
-    save_quantized,
 )
+from llm_lightning.quantized_dir import FORMAT_VERSION, META_FILE, save_quantized
 from tests.conftest import CONF, make_cfg, run_module
 
 CPU_METHODS = ("int8_dynamic", "int8_weight_only")
@@ -108,7 +107,7 @@ def test_save_and_load_round_trip(tiny, tmp_path, method):
     quantized = quantize_model(copy.deepcopy(model), method)
     target = save_quantized(quantized, tokenizer, tmp_path / "quantized", method, compile=True)
     meta = json.loads((target / META_FILE).read_text())
-    assert meta["method"] == method and meta["compile"] is True and meta["format"] == 1
+    assert meta["method"] == method and meta["compile"] is True and meta["format"] == FORMAT_VERSION
     assert (target / meta["weights"]).exists() and (target / "config.json").exists()
     loaded, loaded_tokenizer, names = load_saved(target)  # what evaluate and predict call
     assert names == ["negative", "positive"]

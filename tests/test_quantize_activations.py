@@ -1,4 +1,8 @@
-"""`quantize.activations`: symmetric or asymmetric (zero-point) per-token int8 activations."""
+"""`quantize.activations`: symmetric or asymmetric per-token int8 activations.
+
+Asymmetric is done by centring each token (llm_lightning.centering) around torchao's symmetric
+kernel; torchao's own zero-point path (`zero_point="torchao"`) stays for comparison.
+"""
 
 from __future__ import annotations
 
@@ -9,44 +13,116 @@ import pytest
 import torch
 from torchao.quantization import MappingType
 
+from llm_lightning.centering import CENTERED
 from llm_lightning.compiling import maybe_compile
 from llm_lightning.models.saved import load_saved
-from llm_lightning.quantize import META_FILE, quantize_model, save_quantized
+from llm_lightning.quantize import quantize_model
+from llm_lightning.quantized_dir import META_FILE, save_quantized
 from tests.test_quantize import logits
 
 
-def int8(model, activations: str):
-    return quantize_model(copy.deepcopy(model), "int8_dynamic", activations=activations)
+def int8(model, activations: str, **kwargs):
+    return quantize_model(copy.deepcopy(model), "int8_dynamic", activations=activations, **kwargs)
 
 
-def test_activations_choose_the_mapping_of_every_quantized_layer(tiny):
+def quantized_linears(model) -> list[torch.nn.Linear]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_activations_choose_how_every_quantized_layer_quantizes(tiny):
     model, _ = tiny
-    for activations, mapping in (
-        ("symmetric", MappingType.SYMMETRIC),
-        ("asymmetric", MappingType.ASYMMETRIC),
+    for activations, zero_point, mapping, centred in (
+        ("symmetric", "centering", MappingType.SYMMETRIC, False),
+        ("asymmetric", "centering", MappingType.SYMMETRIC, True),  # centred, then torchao's symmetric kernel
+        ("asymmetric", "torchao", MappingType.ASYMMETRIC, False),
     ):
-        quantized = int8(model, activations)
-        linears = [m for m in quantized.modules() if isinstance(m, torch.nn.Linear)]
+        linears = quantized_linears(int8(model, activations, zero_point=zero_point))
         assert linears and all(m.weight.act_quant_kwargs.mapping_type == mapping for m in linears)
+        assert all(getattr(m, CENTERED, False) is centred for m in linears), (activations, zero_point)
 
 
-def test_both_activation_mappings_stay_close_to_fp32(tiny):
-    """After SiLU or a norm the activations are not centred on 0; a zero point spends the int8
-    range on [min, max] instead of [-max|x|, max|x|]. Which is closer is a matter for the real
-    model (docs/BENCHMARKS.md); here both must quantize (differ) and stay close."""
+class OneLayer(torch.nn.Module):
+    """A linear layer called like a model (`quantize_model` calibrates with `input_ids=`)."""
+
+    def __init__(self, layer: torch.nn.Linear):
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(input_ids)
+
+
+def offset_layer_error(kind: str, smoothquant: bool) -> float:
+    """Relative error of one int8 linear layer on tokens with an offset and an outlier channel,
+    the activations after SiLU or a norm that symmetric scales waste half their range on."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48)
+    x = torch.randn(3, 5, 64) + 4 * torch.rand(3, 5, 1)
+    x[..., 7] += 15
+    with torch.inference_mode():
+        reference = layer(x)
+    model = OneLayer(layer)
+    activations = "symmetric" if kind == "symmetric" else "asymmetric"
+    zero_point = "torchao" if kind == "torchao" else "centering"
+    # SmoothQuant puts an act_pre_scale into each weight, which centring must see through
+    calibration = [x[:1]] if smoothquant else []
+    quantize_model(
+        model,
+        "int8_dynamic",
+        activations=activations,
+        zero_point=zero_point,
+        smoothquant_alpha=0.5 if smoothquant else None,
+        calibration=calibration,
+    )
+    if smoothquant:
+        assert model.proj.weight.act_pre_scale is not None
+    with torch.inference_mode():
+        return float((model(x) - reference).norm() / reference.norm())
+
+
+@pytest.mark.parametrize("smoothquant", [False, True], ids=["plain", "smoothquant"])
+def test_centring_is_as_precise_as_a_zero_point(smoothquant):
+    """Centring spends the int8 range on [min, max] like torchao's zero point: the same error
+    (within 15%), and well below the symmetric error on offset activations."""
+    symmetric = offset_layer_error("symmetric", smoothquant)
+    torchao = offset_layer_error("torchao", smoothquant)
+    centred = offset_layer_error("centred", smoothquant)
+    assert centred < 0.75 * symmetric, (centred, symmetric)
+    assert abs(centred - torchao) <= 0.15 * torchao, (centred, torchao)
+
+
+def test_asymmetric_models_stay_close_to_fp32(tiny):
     model, tokenizer = tiny
     reference = logits(model, tokenizer)
-    sym = (logits(int8(model, "symmetric"), tokenizer) - reference).abs().max()
-    asym = (logits(int8(model, "asymmetric"), tokenizer) - reference).abs().max()
     scale = reference.abs().max()
-    assert 0 < asym <= 0.10 * scale and 0 < sym <= 0.10 * scale
+    for kwargs in (
+        {"activations": "symmetric"},
+        {"activations": "asymmetric"},
+        {"activations": "asymmetric", "zero_point": "torchao"},
+    ):
+        error = (logits(int8(model, **kwargs), tokenizer) - reference).abs().max()
+        assert 0 < error <= 0.10 * scale, kwargs
 
 
-def test_asymmetric_model_round_trips_through_save_and_load(tiny, tmp_path):
+def test_centred_model_round_trips_through_save_and_load(tiny, tmp_path):
     model, tokenizer = tiny
     quantized = int8(model, "asymmetric")
     target = save_quantized(quantized, tokenizer, tmp_path / "q", "int8_dynamic", activations="asymmetric")
-    assert json.loads((target / META_FILE).read_text())["activations"] == "asymmetric"
+    meta = json.loads((target / META_FILE).read_text())
+    assert meta["activations"] == "asymmetric" and meta["centered"] is True
+    loaded, _, _ = load_saved(target)
+    assert all(getattr(m, CENTERED, False) for m in quantized_linears(loaded))
+    torch.testing.assert_close(logits(loaded, tokenizer), logits(quantized, tokenizer), atol=1e-6, rtol=0)
+
+
+def test_format_1_folders_with_torchaos_zero_point_still_load(tiny, tmp_path):
+    model, tokenizer = tiny
+    quantized = int8(model, "asymmetric", zero_point="torchao")
+    target = save_quantized(quantized, tokenizer, tmp_path / "q", "int8_dynamic", activations="asymmetric")
+    meta = json.loads((target / META_FILE).read_text())
+    assert meta["centered"] is False
+    del meta["centered"]
+    (target / META_FILE).write_text(json.dumps({**meta, "format": 1}))  # as the previous version wrote it
     loaded, _, _ = load_saved(target)
     weight = loaded.model.layers[1].self_attn.v_proj.weight
     assert weight.act_quant_kwargs.mapping_type == MappingType.ASYMMETRIC
@@ -65,20 +141,18 @@ def test_asymmetric_needs_int8_dynamic(tiny):
         quantize_model(copy.deepcopy(tiny[0]), "int8_weight_only", activations="asymmetric")
 
 
-def test_compiled_int8_layers_trace_in_one_graph_each(tiny):
+@pytest.mark.parametrize("activations", ["symmetric", "asymmetric"])
+def test_compiled_int8_layers_trace_in_one_graph_each(tiny, activations):
     """torchao's CPU int8 matmul probes the CPU (AMX, VNNI) in a C call dynamo cannot trace;
-    maybe_compile answers those once, so a quantized decoder layer compiles without graph breaks
-    and stays within torch.compile's recompile limit."""
+    maybe_compile answers those once, so a quantized decoder layer, centred or not, compiles
+    without graph breaks and stays within torch.compile's recompile limit."""
     from torch._dynamo.utils import counters
 
     model, tokenizer = tiny
-    activations = "asymmetric"  # the chain's choice; symmetric takes the same matmul path
     torch._dynamo.reset()
     counters.clear()
-    quantized = maybe_compile(
-        quantize_model(copy.deepcopy(model), "int8_dynamic", activations=activations), True
-    )
-    eager = quantize_model(copy.deepcopy(model), "int8_dynamic", activations=activations)
+    quantized = maybe_compile(int8(model, activations), True)
+    eager = int8(model, activations)
     ids = tokenizer(["a fine film", "dull and long, far too long"], return_tensors="pt", padding=True)
     with torch.inference_mode():
         got, expected = quantized(**ids).logits, eager(**ids).logits

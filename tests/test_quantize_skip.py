@@ -13,14 +13,8 @@ from torchao.quantization import Int8Tensor
 
 from llm_lightning.export import export_model
 from llm_lightning.models.saved import load_saved
-from llm_lightning.quantize import (
-    META_FILE,
-    linear_names,
-    quantize_model,
-    quantize_run,
-    save_quantized,
-    skipped_linears,
-)
+from llm_lightning.quantize import linear_names, quantize_model, quantize_run, skipped_linears
+from llm_lightning.quantized_dir import META_FILE, save_quantized
 from tests.conftest import CONF, make_cfg
 from tests.test_quantize import linear_weights, logits
 

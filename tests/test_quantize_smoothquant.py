@@ -12,13 +12,8 @@ from torchao.quantization import Int8Tensor
 
 from llm_lightning.export import export_model
 from llm_lightning.models.saved import load_saved
-from llm_lightning.quantize import (
-    META_FILE,
-    calibration_inputs,
-    quantize_model,
-    quantize_run,
-    save_quantized,
-)
+from llm_lightning.quantize import calibration_inputs, quantize_model, quantize_run
+from llm_lightning.quantized_dir import META_FILE, save_quantized
 from tests.conftest import make_cfg
 from tests.test_quantize import logits
 

@@ -20,7 +20,7 @@ def load_saved(path: str | Path):
     if not path.exists():
         raise FileNotFoundError(f"No model at {path}: pass a run's `model/` folder or a checkpoint (.ckpt).")
     if path.is_dir():
-        from llm_lightning.quantize import is_quantized_dir, load_quantized
+        from llm_lightning.quantized_dir import is_quantized_dir, load_quantized
 
         # a quantized/ folder (quantization.json + torchao weights), see llm_lightning/quantize.py
         model, tokenizer = load_quantized(path) if is_quantized_dir(path) else load_exported(path)

@@ -1,0 +1,64 @@
+"""Asymmetric int8 activations at the speed of symmetric ones: centre each token, then correct.
+
+Per-token asymmetric quantization spends all 256 int8 levels on a token's [min, max] range instead
+of [-max|x|, max|x|]. torchao 0.18 does it with a zero point and corrects the matmul with the
+weights' row sums, which it recomputes from the int8 weights on every call: compiled, a batch-1
+forward of SmolLM2-135M took 113 ms that way on this CPU, 37 ms symmetric (docs/BENCHMARKS.md).
+
+Here each token's midpoint c = (max + min) / 2 is taken off before torchao's *symmetric* int8
+linear and added back after it, through the weights' row sums computed once:
+
+    x W^T = (x - c) W^T + c * (W 1)
+
+`x - c` is symmetric around 0 with half-range (max - min) / 2, so its int8 scale is the
+asymmetric one: the same precision, with torchao's fast symmetric path doing the matmul.
+The row sums are of the dequantized int8 weights, so the correction matches what the matmul uses.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CENTERED = "_llm_lightning_centered"
+
+
+def center_activations(model: nn.Module) -> int:
+    """Make every dynamically int8-quantized linear layer centre its activations; return how many.
+
+    The layers must be torchao `Int8Tensor` weights with symmetric dynamic activation quantization.
+    Buffers are not persistent: the saved state dict is torchao's, and `load_quantized`
+    calls this again (quantization.json records it). Idempotent.
+    """
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, nn.Linear) or getattr(module, CENTERED, False):
+            continue
+        weight = module.weight
+        if getattr(weight, "act_quant_kwargs", None) is None:
+            continue  # float, or weight-only int8: no activation quantization to centre
+        with torch.no_grad():
+            row_sums = weight.dequantize().float().sum(dim=-1)
+            pre_scale = weight.act_pre_scale  # SmoothQuant's per-channel divisor, applied inside torchao
+            module.register_buffer("weight_row_sums", row_sums, persistent=False)
+            module.register_buffer(
+                "act_pre_scale", None if pre_scale is None else pre_scale.float().clone(), persistent=False
+            )
+        module.forward = types.MethodType(_centered_forward, module)
+        setattr(module, CENTERED, True)
+        count += 1
+    return count
+
+
+def _centered_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    # torchao multiplies x by act_pre_scale before quantizing: centre what it quantizes, then
+    # hand it back unscaled so that its own multiply restores the centred values.
+    scaled = x if self.act_pre_scale is None else x * self.act_pre_scale
+    center = (scaled.amax(dim=-1, keepdim=True) + scaled.amin(dim=-1, keepdim=True)) / 2
+    centred = scaled - center
+    if self.act_pre_scale is not None:
+        centred = centred / self.act_pre_scale
+    return F.linear(centred, self.weight, self.bias) + center * self.weight_row_sums.to(x.dtype)

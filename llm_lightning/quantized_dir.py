@@ -1,0 +1,109 @@
+"""The folder a quantized model is saved to, and how it loads.
+
+    quantized/
+      config.json, tokenizer files    as in model/ (save_pretrained)
+      quantization.json               {"format": 2, "method", "compile", "skip",
+                                      "smoothquant_alpha", "activations", "centered", "torch", "torchao",
+                                      "weights", "attn_implementation"}; format 1 (no "centered") loads too
+      quantized_weights.pt            torch.save(state_dict): the quantized linear weights are torchao
+                                      tensor subclasses (Int8Tensor), everything else (embeddings,
+                                      the `quantize.skip` layers) plain tensors
+
+`quantized_weights.pt` loads with `torch.load(weights_only=True)`: torchao registers its tensor
+classes as safe globals, so no pickled code runs. The weights need the same major torchao version.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llm_lightning.centering import CENTERED, center_activations
+from llm_lightning.export import atomic_dir
+
+WEIGHTS_FILE = "quantized_weights.pt"
+META_FILE = "quantization.json"
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # 2 added "centered" (llm_lightning.centering)
+
+
+def save_quantized(
+    model: nn.Module,
+    tokenizer,
+    target: Path,
+    method: str,
+    compile: bool = False,
+    skip: Sequence[str] = (),
+    smoothquant_alpha: float | None = None,
+    activations: str = "symmetric",
+) -> Path:
+    """Write the quantized model in the format described at the top of this file."""
+    import torchao
+
+    def write(tmp: Path) -> None:
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save(model.state_dict(), tmp / WEIGHTS_FILE)
+        meta = {
+            "format": FORMAT_VERSION,
+            "method": method,
+            "compile": bool(compile),
+            "skip": list(skip),  # fnmatch patterns of the linear layers left in float
+            "smoothquant_alpha": smoothquant_alpha,  # the smoothing is inside the weights (act_pre_scale)
+            "activations": activations if method == "int8_dynamic" else None,
+            # asymmetric by centring: the loader must centre again (llm_lightning.centering)
+            "centered": any(getattr(m, CENTERED, False) for m in model.modules()),
+            "torch": torch.__version__,
+            "torchao": torchao.__version__,
+            "weights": WEIGHTS_FILE,
+            # not in config.json; eager attention is the faster one on CPU for short texts
+            "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    return atomic_dir(target, write)
+
+
+def is_quantized_dir(path: Path) -> bool:
+    return (Path(path) / META_FILE).exists()
+
+
+def load_quantized(path: Path):
+    """Return (model, tokenizer) from a folder written by `save_quantized`, in eval mode, not compiled."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from llm_lightning.models import _with_pad_token
+
+    path = Path(path)
+    meta = json.loads((path / META_FILE).read_text())
+    if meta.get("format") not in READABLE_FORMATS:
+        raise ValueError(
+            f"{path / META_FILE}: format {meta.get('format')!r}; this version reads {READABLE_FORMATS}."
+        )
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(path)
+    with no_init_weights():  # the placeholders are replaced below; untouched pages cost no memory
+        model = AutoModelForSequenceClassification.from_config(
+            config, dtype=torch.float32, attn_implementation=meta.get("attn_implementation") or "eager"
+        )
+    state = torch.load(path / meta["weights"], map_location="cpu", weights_only=True)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not _tied(model, k)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path / meta['weights']} does not fit {path / 'config.json'}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
+    model.tie_weights()
+    if meta.get("centered"):
+        center_activations(model)
+    return _with_pad_token(model.eval(), AutoTokenizer.from_pretrained(path))
+
+
+def _tied(model: nn.Module, key: str) -> bool:
+    return key.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)
