@@ -41,6 +41,18 @@ def test_transfer_texts_from_a_file_are_sampled_without_the_tasks_texts(tmp_path
     assert len(transfer_texts(cfg(path=str(path), limit=2), seed=0, exclude=set())) == 2
 
 
+def test_start_continues_the_same_sample_where_a_run_with_that_limit_stopped(tmp_path):
+    path = tmp_path / "texts.txt"
+    path.write_text("\n".join(f"text number {i}" for i in range(20)), encoding="utf-8")
+    first = transfer_texts(cfg(path=str(path), limit=6), seed=3, exclude=set())
+    then = transfer_texts(cfg(path=str(path), limit=6, start=6), seed=3, exclude=set())
+    both = transfer_texts(cfg(path=str(path), limit=12), seed=3, exclude=set())
+    assert len(then) == 6 and not set(first) & set(then)
+    assert first + then == both
+    with pytest.raises(TaskDataError, match="start=20 skips all 20 texts.*below 20"):
+        transfer_texts(cfg(path=str(path), limit=6, start=20), seed=3, exclude=set())
+
+
 def test_with_transfer_set_appends_unlabeled_rows_to_train_only(tmp_path):
     path = tmp_path / "texts.txt"
     path.write_text("x y\nz w\n", encoding="utf-8")
@@ -58,6 +70,7 @@ def test_with_transfer_set_appends_unlabeled_rows_to_train_only(tmp_path):
         ({"path": None}, "needs distill.transfer.path"),
         ({"path": "/nonexistent/texts.txt"}, "does not exist"),
         ({"path": "x", "limit": 0}, "distill.transfer.limit=0 must be an integer >= 1"),
+        ({"path": "x", "start": -1}, "distill.transfer.start=-1 must be an integer >= 0"),
     ],
 )
 def test_bad_transfer_settings_say_what_to_change(kw, message):

