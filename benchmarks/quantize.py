@@ -193,7 +193,7 @@ def main() -> None:
                 flush=True,
             )
             if args.rounds:
-                kept[variant] = (model, tokenizer)
+                kept[variant] = (model, tokenizer, n_linear)
             else:
                 del model
     print_table(rows)
@@ -204,24 +204,39 @@ def main() -> None:
 
 def in_turns(kept: dict, texts: list[str], rounds: int, max_length: int) -> dict:
     """Batch-16 throughput of every kept variant timed in turns (llm_lightning.bench.interleaved_throughput),
-    on the texts in split order and sorted by length; prints a table of ratios to the first variant."""
+    on the texts in split order and sorted by length; prints a table of ratios to the first variant.
+
+    The 2048^3 `_int_mm` rate is probed in the same turns, so each int8 variant's share of the
+    ceiling it allows (rate / (2 x linear parameters) tokens/s) compares speeds taken together,
+    not minutes apart on a CPU whose speed drifts."""
     if not kept:
         return {}
-    models = {name: model for name, (model, _) in kept.items()}
+    models = {name: model for name, (model, _, _) in kept.items()}
     tokenizer = next(iter(kept.values()))[1]
+    probes = {"int8 _int_mm ops/s": lambda: matmul_rate(torch.int8, repeats=3)}
     turns = {
         order: interleaved_throughput(
-            models, tokenizer, texts, 16, rounds, max_length, by_length=order == "by length"
+            models, tokenizer, texts, 16, rounds, max_length, by_length=order == "by length", probes=probes
         )
         for order in ("split order", "by length")
     }
     first = next(iter(models))
     print(f"\nIn turns ({rounds} rounds, batch 16, {len(texts)} texts; median tok/s, ratio to {first}):")
-    print("| variant | split order | vs first | sorted by length | vs first |\n|---|---|---|---|---|")
+    print(
+        "| variant | split order | vs first | of int8 ceiling | sorted by length | vs first | of int8 ceiling |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     for name in models:
-        a, b = turns["split order"], turns["by length"]
+        cells = []
+        for order in ("split order", "by length"):
+            got = turns[order]
+            ceiling = got["int8 _int_mm ops/s"] / (2 * kept[name][2])
+            share = f"{got[name] / ceiling:.0%}" if name.startswith("int8_dynamic") else "—"
+            cells += [f"{got[name]:,.0f}", f"{got[name] / got[first]:.2f}x", share]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    for order in ("split order", "by length"):
         print(
-            f"| {name} | {a[name]:,.0f} | {a[name] / a[first]:.2f}x | {b[name]:,.0f} | {b[name] / b[first]:.2f}x |"
+            f"_int_mm 2048^3 in turns ({order}): {turns[order]['int8 _int_mm ops/s'] / 1e9:,.0f} GOP/s (median)"
         )
     return turns
 

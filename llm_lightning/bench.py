@@ -20,7 +20,7 @@ import os
 import resource
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -192,9 +192,12 @@ def interleaved_throughput(
     rounds: int = 5,
     max_length: int = 128,
     by_length: bool = False,
+    probes: dict[str, Callable[[], float]] | None = None,
 ) -> dict[str, float]:
     """Real tokens/s of several (already warmed-up) models, timed in turns: round r times every
     model once before round r + 1 starts, and each model's median over the rounds is reported.
+    `probes` (name -> a function returning a rate, e.g. the CPU's int8 matmul rate) run in the
+    same turns, so a ceiling they measure drifts with the models; their medians join the result.
 
     On a shared or virtualised CPU the speed drifts by tens of percent within a minute; timing
     the models one after another puts that drift into their ratio, taking turns spreads it
@@ -206,11 +209,15 @@ def interleaved_throughput(
     batches = _batches(rows, batch_size, tokenizer.pad_token_id)
     tokens = sum(int(mask.sum()) for _, mask in batches)
     seconds: dict[str, list[float]] = {name: [] for name in models}
+    probed: dict[str, list[float]] = {name: [] for name in probes or {}}
     with torch.inference_mode():
         for _ in range(rounds):
             for name, model in models.items():
                 seconds[name].append(_timed_pass(model, batches))
-    return {name: tokens / statistics.median(s) for name, s in seconds.items()}
+            for name, probe in (probes or {}).items():
+                probed[name].append(probe())
+    rates = {name: tokens / statistics.median(s) for name, s in seconds.items()}
+    return rates | {name: statistics.median(values) for name, values in probed.items()}
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:

@@ -35,6 +35,22 @@ def test_models_take_turns_and_every_one_is_reported(tiny):
     assert log == expected
 
 
+def test_probes_take_their_turn_after_the_models_and_report_their_median(tiny):
+    model, tokenizer = tiny
+    log: list[str] = []
+    readings = iter([5.0, 1.0, 3.0])
+
+    def probe() -> float:
+        log.append("probe")
+        return next(readings)
+
+    got = interleaved_throughput(
+        {"a": Recorder(model, "a", log)}, tokenizer, TEXTS[:4], batch_size=8, rounds=3, probes={"rate": probe}
+    )
+    assert log == ["a", "probe"] * 3
+    assert got["rate"] == 3.0 and got["a"] > 0
+
+
 def test_by_length_sorts_texts_so_batches_pad_less(tiny):
     model, tokenizer = tiny
     shapes: list[tuple[int, int]] = []
