@@ -2,8 +2,9 @@
 
 Per-token asymmetric quantization spends all 256 int8 levels on a token's [min, max] range instead
 of [-max|x|, max|x|]. torchao 0.18 does it with a zero point and corrects the matmul with the
-weights' row sums, which it recomputes from the int8 weights on every call: compiled, a batch-1
-forward of SmolLM2-135M took 113 ms that way on this CPU, 37 ms symmetric (docs/BENCHMARKS.md).
+weights' row sums, which it recomputes from the int8 weights on every call: compiled, with
+SmoothQuant, a batch-1 forward of SmolLM2-135M took 183 ms (p50) that way on this CPU, 36 ms
+centred as below (docs/BENCHMARKS.md, "Asymmetric activations by centring").
 
 Here each token's midpoint c = (max + min) / 2 is taken off before torchao's *symmetric* int8
 linear and added back after it, through the weights' row sums computed once:

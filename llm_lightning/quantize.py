@@ -156,6 +156,8 @@ def quantize_model(
         model.to(torch.bfloat16)  # tinygemm packs bf16 weights
     if keep:
         log.info("quantize.skip keeps %d linear layers in float: %s", len(keep), sorted(keep))
+    if zero_point not in ("centering", "torchao"):
+        raise ValueError(f"zero_point={zero_point!r} is not one of ('centering', 'torchao').")
     centre = activations == "asymmetric" and zero_point == "centering"
     if centre:
         activations = "symmetric"  # torchao quantizes the centred tokens symmetrically

@@ -136,6 +136,11 @@ def test_bad_activations_name_the_choices(tiny):
         int8(tiny[0], "unsigned")
 
 
+def test_bad_zero_point_names_the_choices(tiny):
+    with pytest.raises(ValueError, match=r"zero_point='midpoint' is not one of \('centering', 'torchao'\)"):
+        int8(tiny[0], "asymmetric", zero_point="midpoint")
+
+
 def test_asymmetric_needs_int8_dynamic(tiny):
     with pytest.raises(ValueError, match=r"asymmetric' needs quantize=int8_dynamic.*'int8_weight_only'"):
         quantize_model(copy.deepcopy(tiny[0]), "int8_weight_only", activations="asymmetric")
