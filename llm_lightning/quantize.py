@@ -50,8 +50,8 @@ def torchao_config(method: str, group_size: int = 128, activations: str = "symme
 
     check_method(method)
     if method == "int8_dynamic":  # per-token int8 activations, per-row int8 weights: torch._int_mm
-        # asymmetric: each token's int8 range spans [min, max] instead of [-max|x|, max|x|] (a zero
-        # point per token, corrected after the matmul with the weights' row sums)
+        # asymmetric here is torchao's zero point (quantize_model's zero_point="torchao"); the
+        # default asymmetric path centres the tokens and asks for symmetric (llm_lightning.centering)
         mapping = MappingType.ASYMMETRIC if activations == "asymmetric" else MappingType.SYMMETRIC
         return Int8DynamicActivationInt8WeightConfig(act_mapping_type=mapping)
     if method == "int8_weight_only":  # int8 weights dequantized inside the fp32 matmul
