@@ -194,14 +194,17 @@ def interleaved_throughput(
     by_length: bool = False,
     probes: dict[str, Callable[[], float]] | None = None,
 ) -> dict[str, float]:
-    """Real tokens/s of several (already warmed-up) models, timed in turns: round r times every
-    model once before round r + 1 starts, and each model's median over the rounds is reported.
-    `probes` (name -> a function returning a rate, e.g. the CPU's int8 matmul rate) run in the
-    same turns, so a ceiling they measure drifts with the models; their medians join the result.
+    """Real tokens/s of several (already warmed-up) models, timed in turns, batch by batch: each
+    batch runs through every model before the next batch starts, a round is one pass over all
+    batches, and each model's median over the rounds is reported. `probes` (name -> a function
+    returning a rate, e.g. the CPU's int8 matmul rate) run after every batch's models, so a
+    ceiling they measure drifts with the models; their medians join the result.
 
-    On a shared or virtualised CPU the speed drifts by tens of percent within a minute; timing
-    the models one after another puts that drift into their ratio, taking turns spreads it
-    evenly. `by_length` sorts the texts by length first (as a batch job would; less padding).
+    On a shared or virtualised CPU the speed drifts by tens of percent within a minute (the
+    2048^3 int8 matmul read 993 and 2,120 GOP/s in two passes of one run): timing the models
+    one after another puts that drift into their ratio; taking turns every batch (a fraction of
+    a second each) spreads it evenly. `by_length` sorts the texts by length first (as a batch
+    job would; less padding).
     """
     rows = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     if by_length:
@@ -212,10 +215,14 @@ def interleaved_throughput(
     probed: dict[str, list[float]] = {name: [] for name in probes or {}}
     with torch.inference_mode():
         for _ in range(rounds):
-            for name, model in models.items():
-                seconds[name].append(_timed_pass(model, batches))
-            for name, probe in (probes or {}).items():
-                probed[name].append(probe())
+            spent = dict.fromkeys(models, 0.0)
+            for batch in batches:
+                for name, model in models.items():
+                    spent[name] += _timed_pass(model, [batch])
+                for name, probe in (probes or {}).items():
+                    probed[name].append(probe())
+            for name, total in spent.items():
+                seconds[name].append(total)
     rates = {name: tokens / statistics.median(s) for name, s in seconds.items()}
     return rates | {name: statistics.median(values) for name, values in probed.items()}
 

@@ -16,16 +16,33 @@ import torch
 
 from llm_lightning.models.saved import load_saved
 
+WINDOW_BATCHES = 32  # batches sorted together: more sorts better, fewer shows results sooner
+
 
 def predict(
     model, tokenizer, names: list[str], texts: list[str], batch_size: int = 32, max_length: int = 512
 ) -> Iterator[dict]:
+    """One row per text, in the order given.
+
+    The texts are labelled in windows of `batch_size * WINDOW_BATCHES`; within a window, batches
+    are made of texts of similar length, so they carry little padding (on Rotten Tomatoes test
+    texts at batch 16, sorting ran fp32 1.6x and int8 2.1x faster than the given order:
+    docs/BENCHMARKS.md). A window's rows are printed when the window is done.
+    """
     model.eval()
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
-        enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        with torch.inference_mode():
-            probs = model(**enc).logits.float().softmax(-1)
+    window = batch_size * WINDOW_BATCHES
+    for start in range(0, len(texts), window):
+        chunk = texts[start : start + window]
+        rows = tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]
+        order = sorted(range(len(chunk)), key=lambda i: len(rows[i]))
+        probs: list[torch.Tensor] = [torch.empty(0)] * len(chunk)
+        for first in range(0, len(order), batch_size):
+            idx = order[first : first + batch_size]
+            enc = tokenizer.pad({"input_ids": [rows[i] for i in idx]}, return_tensors="pt")
+            with torch.inference_mode():
+                batch = model(**enc).logits.float().softmax(-1)
+            for i, p in zip(idx, batch, strict=True):
+                probs[i] = p
         for text, p in zip(chunk, probs, strict=True):
             yield {
                 "text": text,
