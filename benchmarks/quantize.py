@@ -6,10 +6,8 @@
 Variants: fp32 eager, fp32 + torch.compile, torchao int8 dynamic (eager and compiled) on every
 linear layer, the same `+config`: with conf/quantize/int8_dynamic.yaml's accuracy settings
 (`skip`, `smoothquant_alpha` calibrated on `calibration_texts` training texts, `activations`;
-`--skip`, `--smoothquant-alpha` and `--activations` override them; its `fuse` and `attention`
-too), torchao int8 weight-only, and the deprecated torch.ao.quantization.quantize_dynamic as a
-comparison only. Suffixes: `+fused` / `+unfused` (q/k/v and gate/up fused or not,
-llm_lightning.fusing), `+sdpa` / `+eager_attention` (the attention kernel).
+`--skip`, `--smoothquant-alpha` and `--activations` override them), torchao int8 weight-only, and the deprecated
+torch.ao.quantization.quantize_dynamic as a comparison only.
 It also measures this CPU's matrix-multiply rates (2048^3 `torch.mm` in fp32, `torch._int_mm` in
 int8) and prints each variant's throughput as a fraction of the ceiling they allow: the rate
 divided by 2 x (parameters in linear layers) operations per token.
@@ -48,18 +46,12 @@ from llm_lightning.quantized_dir import save_quantized  # noqa: E402
 
 VARIANTS = (
     "fp32",
-    "fp32+eager_attention",
     "fp32+compile",
     "int8_dynamic",
     "int8_dynamic+compile",
     "int8_dynamic+config",
     "int8_dynamic+compile+config",
     "int8_dynamic+compile+config+torchao_zero_point",  # asymmetric by torchao's zero point, not centring
-    "int8_dynamic+compile+fused",  # q/k/v and gate/up fused (llm_lightning.fusing)
-    "int8_dynamic+compile+config+fused",
-    "int8_dynamic+compile+config+unfused",
-    "int8_dynamic+compile+config+sdpa",  # the attention kernel as saved with the fp32 model
-    "int8_dynamic+compile+config+unfused+sdpa",  # the default before fusing and eager attention
     "int8_weight_only",
     "torch.ao_dynamic",
 )
@@ -95,9 +87,7 @@ def build(variant: str, model_dir: Path, work: Path, qcfg, train_texts: list[str
     model.eval()
     n_linear = linear_params(model)
     if variant.startswith("fp32"):
-        if variant.endswith("+eager_attention"):
-            model.set_attn_implementation("eager")
-        return maybe_compile(model, "+compile" in variant), model_dir, tokenizer, n_linear
+        return maybe_compile(model, variant.endswith("+compile")), model_dir, tokenizer, n_linear
     if variant == "torch.ao_dynamic":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecated: measured here only as the comparison
@@ -114,13 +104,7 @@ def build(variant: str, model_dir: Path, work: Path, qcfg, train_texts: list[str
         if settings["smoothquant_alpha"] is not None:
             calibration = calibration_inputs(tokenizer, train_texts, qcfg.calibration_texts, max_length)
     zero_point = "torchao" if variant.endswith("+torchao_zero_point") else "centering"
-    config = "+config" in variant
-    fuse = "+fused" in variant or (config and "+unfused" not in variant and bool(qcfg.fuse))
-    attention = "sdpa" if "+sdpa" in variant else "eager" if "+eager_attention" in variant else None
-    attention = attention or (qcfg.get("attention") if config else None)
-    quantized = quantize_model(
-        model, method, calibration=calibration, zero_point=zero_point, fuse=fuse, attention=attention, **settings
-    )
+    quantized = quantize_model(model, method, calibration=calibration, zero_point=zero_point, **settings)
     folder = save_quantized(quantized, tokenizer, work / variant, method, **settings)
     return maybe_compile(quantized, "+compile" in variant), folder, tokenizer, n_linear
 

@@ -22,14 +22,12 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llm_lightning.centering import center_activations
-from llm_lightning.fusing import fuse_projections
 from llm_lightning.quantized_dir import save_quantized
 
 log = logging.getLogger(__name__)
 
 METHODS = ("none", "int8_dynamic", "int8_weight_only", "int4_weight_only")
 ACTIVATIONS = ("symmetric", "asymmetric")  # int8_dynamic's per-token activation scales
-ATTENTION = ("eager", "sdpa")  # transformers' attention kernels that run on CPU
 
 
 class QuantizationUnsupportedError(RuntimeError):
@@ -125,8 +123,6 @@ def quantize_model(
     calibration: Sequence[torch.Tensor] = (),
     activations: str = "symmetric",
     zero_point: str = "centering",
-    fuse: bool = False,
-    attention: str | None = None,
 ) -> nn.Module:
     """Quantize the model's linear layers in place and return it in eval mode.
 
@@ -143,12 +139,6 @@ def quantize_model(
         zero_point: how asymmetric activations are done: "centering" (llm_lightning.centering:
             torchao's symmetric kernel on centred tokens, as fast as symmetric) or "torchao" (its
             own zero point, which re-sums the weights every call; kept for benchmarks).
-        fuse: first fuse each layer's q/k/v and gate/up projections into one linear layer each
-            (llm_lightning.fusing): each activation is quantized once and multiplied by one wider
-            matrix. Groups with a member in `skip` stay unfused.
-        attention: the attention kernel the quantized model keeps (saved with it); None: as loaded.
-            Compiled, eager attention (matmul + softmax, fused by inductor) ran 6-16% faster than
-            sdpa for short texts on this CPU (docs/BENCHMARKS.md).
     """
     from torchao.quantization import quantize_
     from torchao.quantization.quant_api import _is_linear  # torchao's default filter
@@ -159,7 +149,6 @@ def quantize_model(
         return model
     check_smoothquant(method, smoothquant_alpha, len(calibration))
     check_activations(method, activations)
-    check_attention(attention)
     keep = skipped_linears(model, list(skip))
     device = next(model.parameters()).device.type
     check_platform(method, device, group_size)
@@ -167,10 +156,6 @@ def quantize_model(
         model.to(torch.bfloat16)  # tinygemm packs bf16 weights
     if keep:
         log.info("quantize.skip keeps %d linear layers in float: %s", len(keep), sorted(keep))
-    if attention is not None:
-        model.set_attn_implementation(attention)
-    if fuse:
-        log.info("quantize.fuse: fused %d q/k/v and gate/up groups", fuse_projections(model, keep))
     if zero_point not in ("centering", "torchao"):
         raise ValueError(f"zero_point={zero_point!r} is not one of ('centering', 'torchao').")
     centre = activations == "asymmetric" and zero_point == "centering"
@@ -233,13 +218,6 @@ def check_activations(method: str, activations: str) -> None:
         )
 
 
-def check_attention(attention: str | None) -> None:
-    if attention is not None and attention not in ATTENTION:
-        raise ValueError(
-            f"quantize.attention={attention!r} is not one of {ATTENTION} or null (keep the model's own)."
-        )
-
-
 def calibration_inputs(tokenizer, texts: Sequence[str], n: int, max_length: int) -> list[torch.Tensor]:
     """The first `n` texts as (1, seq_len) input_ids tensors, for `quantize_model(calibration=...)`."""
     rows = tokenizer(list(texts[:n]), truncation=True, max_length=max_length)["input_ids"]
@@ -256,13 +234,7 @@ def quantize_with_config(model: nn.Module, tokenizer, qcfg: DictConfig, data, ma
             tokenizer, data.train.texts, int(qcfg.get("calibration_texts", 64)), max_length
         )
     return quantize_model(
-        model,
-        qcfg.method,
-        qcfg.get("group_size", 128),
-        calibration=calibration,
-        fuse=bool(qcfg.get("fuse", False)),
-        attention=qcfg.get("attention"),
-        **saved_settings(qcfg),
+        model, qcfg.method, qcfg.get("group_size", 128), calibration=calibration, **saved_settings(qcfg)
     )
 
 
@@ -305,7 +277,6 @@ def quantize_run(cfg: DictConfig, out: Path, model_dir: Path | None = None) -> d
     alpha = qcfg.get("smoothquant_alpha")
     check_smoothquant(qcfg.method, alpha, len(data.train) and int(qcfg.get("calibration_texts", 64)))
     check_activations(qcfg.method, qcfg.get("activations", "symmetric"))
-    check_attention(qcfg.get("attention"))
     rows = [measure_stage("fp32", model, tokenizer, data, cfg, model_dir, settings, compile=False)]
     quantized = quantize_with_config(model, tokenizer, qcfg, data, cfg.task.max_length)
     target = save_quantized(

@@ -4,8 +4,7 @@
       config.json, tokenizer files    as in model/ (save_pretrained)
       quantization.json               {"format": 2, "method", "compile", "skip",
                                       "smoothquant_alpha", "activations", "centered", "torch", "torchao",
-                                      "fused", "weights", "attn_implementation"}; formats 1 (no
-                                      "centered") and 2 (no "fused") load too
+                                      "weights", "attn_implementation"}; format 1 (no "centered") loads too
       quantized_weights.pt            torch.save(state_dict): the quantized linear weights are torchao
                                       tensor subclasses (Int8Tensor), everything else (embeddings,
                                       the `quantize.skip` layers) plain tensors
@@ -25,12 +24,11 @@ from torch import nn
 
 from llm_lightning.centering import CENTERED, center_activations
 from llm_lightning.export import atomic_dir
-from llm_lightning.fusing import fuse_projections, is_fused
 
 WEIGHTS_FILE = "quantized_weights.pt"
 META_FILE = "quantization.json"
-FORMAT_VERSION = 3
-READABLE_FORMATS = (1, 2, 3)  # 2 added "centered" (llm_lightning.centering), 3 "fused" (.fusing)
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # 2 added "centered" (llm_lightning.centering)
 
 
 def save_quantized(
@@ -59,8 +57,6 @@ def save_quantized(
             "activations": activations if method == "int8_dynamic" else None,
             # asymmetric by centring: the loader must centre again (llm_lightning.centering)
             "centered": any(getattr(m, CENTERED, False) for m in model.modules()),
-            # q/k/v and gate/up fused (llm_lightning.fusing): the loader must fuse before loading
-            "fused": is_fused(model),
             "torch": torch.__version__,
             "torchao": torchao.__version__,
             "weights": WEIGHTS_FILE,
@@ -95,10 +91,6 @@ def load_quantized(path: Path):
         model = AutoModelForSequenceClassification.from_config(
             config, dtype=torch.float32, attn_implementation=meta.get("attn_implementation") or "eager"
         )
-    if meta.get("fused"):
-        from llm_lightning.quantize import skipped_linears
-
-        fuse_projections(model, skipped_linears(model, meta.get("skip") or []))
     state = torch.load(path / meta["weights"], map_location="cpu", weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not _tied(model, k)]

@@ -44,7 +44,12 @@ def test_probes_take_their_turn_after_each_batch_and_report_their_median(tiny):
         return next(readings)
 
     got = interleaved_throughput(
-        {"a": Recorder(model, "a", log)}, tokenizer, TEXTS[:12], batch_size=6, rounds=3, probes={"rate": probe}
+        {"a": Recorder(model, "a", log)},
+        tokenizer,
+        TEXTS[:12],
+        batch_size=6,
+        rounds=3,
+        probes={"rate": probe},
     )
     assert log == ["a", "probe"] * 6  # after every batch: 2 batches, 3 rounds
     assert got["rate"] == 3.5 and got["a"] > 0

@@ -7,7 +7,13 @@ import pytest
 from llm_lightning import predict as predict_module
 from llm_lightning.predict import predict
 
-TEXTS = ["a long and winding sentence about a film that goes on", "ok", "dull film", "a gorgeous, moving film", "no"]
+TEXTS = [
+    "a long and winding sentence about a film that goes on",
+    "ok",
+    "dull film",
+    "a gorgeous, moving film",
+    "no",
+]
 
 
 @pytest.mark.parametrize("batch_size", [2, 3])

@@ -1,0 +1,112 @@
+"""Saved models side by side: test accuracy, and batch-16 throughput timed in turns.
+
+    flock /tmp/heavy.lock python benchmarks/compare.py \\
+        teacher=outputs/sentiment/run-full-5e-5/model \\
+        student=outputs/distill/kd-depth15-transfer30k-then30k/model \\
+        student_int8=outputs/quantize/student-30k30k/quantized
+
+Each NAME=PATH is anything `llm_lightning.models.saved.load_saved` loads (a `model/` folder, a
+checkpoint, a `quantized/` folder). A quantized folder saved with `compile: true` is compiled as
+its report measured it; everything else runs eagerly. This is how the whole chain's speed-up is
+measured: the fp32 teacher and the chain's last model in one process, in turns batch by batch
+(llm_lightning.bench.interleaved_throughput), on the test texts in split order and sorted by
+length; ratios are to the first model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llm_lightning.bench import cpu_name, evaluate, interleaved_throughput  # noqa: E402
+from llm_lightning.compiling import maybe_compile  # noqa: E402
+from llm_lightning.data import load_task  # noqa: E402
+from llm_lightning.models.saved import load_saved  # noqa: E402
+from llm_lightning.quantized_dir import META_FILE  # noqa: E402
+
+ORDERS = ("split order", "sorted by length")
+
+
+def load(path: Path):
+    model, tokenizer, _ = load_saved(path)
+    meta = path / META_FILE
+    compiled = meta.exists() and bool(json.loads(meta.read_text()).get("compile"))
+    return maybe_compile(model.eval(), compiled), tokenizer, compiled
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("models", nargs="+", help="NAME=PATH, the first is the baseline")
+    parser.add_argument("--texts", type=int, default=128, help="test texts per throughput pass")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=42, help="the training run's seed: the same test split")
+    args = parser.parse_args()
+    paths = {}
+    for spec in args.models:
+        name, sep, path = spec.partition("=")
+        if not sep or not Path(path).exists():
+            parser.error(f"{spec!r}: expected NAME=PATH to an existing model folder or checkpoint")
+        paths[name] = Path(path)
+    torch.set_num_threads(args.threads)
+    task = OmegaConf.load(ROOT / "conf" / "task" / "sentiment.yaml")
+    test = load_task(task, args.seed).test
+    print(
+        f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}; {len(test)} test texts", flush=True
+    )
+    models, rows = {}, {}
+    for name, path in paths.items():
+        started = time.perf_counter()
+        model, tokenizer, compiled = load(path)
+        rows[name] = tokenizer(list(test.texts), truncation=True, max_length=task.max_length)["input_ids"]
+        with torch.inference_mode():  # the accuracy pass also compiles every batch shape
+            metrics = evaluate(
+                model, rows[name], test.labels, model.config.num_labels, 32, tokenizer.pad_token_id
+            )
+        params = sum(p.numel() for p in model.parameters())
+        models[name] = (model, tokenizer, compiled, metrics, params)
+        print(f"  {name}: acc {metrics['acc']:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    texts = list(test.texts[: args.texts])
+    tokenizer = next(iter(models.values()))[1]
+    turns = {
+        order: interleaved_throughput(
+            {name: m for name, (m, *_) in models.items()},
+            tokenizer,
+            texts,
+            16,
+            args.rounds,
+            task.max_length,
+            by_length=order == ORDERS[1],
+        )
+        for order in ORDERS
+    }
+    first = next(iter(models))
+    base_acc = models[first][3]["acc"]
+    print(
+        f"\nIn turns, batch by batch ({args.rounds} rounds, batch 16, {len(texts)} test texts; tok/s median):"
+    )
+    print(
+        "| model | compiled | params | test acc | vs first | split order | vs first | sorted by length | vs first |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, (_, _, compiled, metrics, params) in models.items():
+        cells = [f"{turns[o][name]:,.0f} | {turns[o][name] / turns[o][first]:.2f}x" for o in ORDERS]
+        print(
+            f"| {name} | {'yes' if compiled else 'no'} | {params / 1e6:.1f} M | {metrics['acc']:.4f} | "
+            f"{100 * (metrics['acc'] - base_acc):+.2f} | " + " | ".join(cells) + " |"
+        )
+
+
+if __name__ == "__main__":
+    main()
