@@ -21,10 +21,12 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -38,6 +40,7 @@ from llm_lightning.bench import (  # noqa: E402
     measure,
     size_on_disk_mb,
 )
+from llm_lightning.centering import CENTERED  # noqa: E402
 from llm_lightning.compiling import maybe_compile  # noqa: E402
 from llm_lightning.data import load_task  # noqa: E402
 from llm_lightning.models.saved import load_saved  # noqa: E402
@@ -52,6 +55,7 @@ VARIANTS = (
     "int8_dynamic+config",
     "int8_dynamic+compile+config",
     "int8_dynamic+compile+config+torchao_zero_point",  # asymmetric by torchao's zero point, not centring
+    "int8_dynamic+compile+config+torchao_linear",  # centred tokens through torchao's own int8 linear
     "int8_weight_only",
     "torch.ao_dynamic",
 )
@@ -106,7 +110,22 @@ def build(variant: str, model_dir: Path, work: Path, qcfg, train_texts: list[str
     zero_point = "torchao" if variant.endswith("+torchao_zero_point") else "centering"
     quantized = quantize_model(model, method, calibration=calibration, zero_point=zero_point, **settings)
     folder = save_quantized(quantized, tokenizer, work / variant, method, **settings)
+    if variant.endswith("+torchao_linear"):
+        for module in quantized.modules():
+            if getattr(module, CENTERED, False):
+                module.forward = types.MethodType(_centred_through_torchao, module)
     return maybe_compile(quantized, "+compile" in variant), folder, tokenizer, n_linear
+
+
+def _centred_through_torchao(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """llm_lightning.centering's forward before it quantized by itself (commit 66258c2): torchao's
+    symmetric int8 linear on the centred tokens, which reduces each token's range a second time."""
+    scaled = x if self.act_pre_scale is None else x * self.act_pre_scale
+    center = (scaled.amax(dim=-1, keepdim=True) + scaled.amin(dim=-1, keepdim=True)) / 2
+    centred = scaled - center
+    if self.act_pre_scale is not None:
+        centred = centred / self.act_pre_scale
+    return F.linear(centred, self.weight, self.bias) + center * self.weight_row_sums.to(x.dtype)
 
 
 def main() -> None:

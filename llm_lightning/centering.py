@@ -6,13 +6,15 @@ weights' row sums, which it recomputes from the int8 weights on every call: comp
 SmoothQuant, a batch-1 forward of SmolLM2-135M took 183 ms (p50) that way on this CPU, 36 ms
 centred as below (docs/BENCHMARKS.md, "Asymmetric activations by centring").
 
-Here each token's midpoint c = (max + min) / 2 is taken off before torchao's *symmetric* int8
-linear and added back after it, through the weights' row sums computed once:
+Here each token's midpoint c = (max + min) / 2 is taken off before a *symmetric* int8 linear
+and added back after it, through the weights' row sums computed once:
 
     x W^T = (x - c) W^T + c * (W 1)
 
 `x - c` is symmetric around 0 with half-range (max - min) / 2, so its int8 scale is the
-asymmetric one: the same precision, with torchao's fast symmetric path doing the matmul.
+asymmetric one: the same precision, at the speed of torchao's symmetric path. The matmul uses
+torchao's int8 weights and formulas; the token is quantized here, since its scale follows from
+the min and max already taken (torchao would reduce the centred token once more).
 The row sums are of the dequantized int8 weights, so the correction matches what the matmul uses.
 """
 
@@ -21,10 +23,10 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 CENTERED = "_llm_lightning_centered"
+EPS = torch.finfo(torch.float32).eps  # torchao's floor for int8 scales
 
 
 def center_activations(model: nn.Module) -> int:
@@ -43,7 +45,11 @@ def center_activations(model: nn.Module) -> int:
             continue  # float, or weight-only int8: no activation quantization to centre
         with torch.no_grad():
             row_sums = weight.dequantize().float().sum(dim=-1)
-            pre_scale = weight.act_pre_scale  # SmoothQuant's per-channel divisor, applied inside torchao
+            pre_scale = weight.act_pre_scale  # SmoothQuant's per-channel divisor
+            # plain views of torchao's int8 weight and its per-row scales (no copies): the forward
+            # below runs torch._int_mm on them directly
+            module.register_buffer("int8_weight_t", weight.qdata.contiguous().t(), persistent=False)
+            module.register_buffer("weight_scales", weight.scale.flatten().float(), persistent=False)
             module.register_buffer("weight_row_sums", row_sums, persistent=False)
             module.register_buffer(
                 "act_pre_scale", None if pre_scale is None else pre_scale.float().clone(), persistent=False
@@ -55,11 +61,17 @@ def center_activations(model: nn.Module) -> int:
 
 
 def _centered_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    # torchao multiplies x by act_pre_scale before quantizing: centre what it quantizes, then
-    # hand it back unscaled so that its own multiply restores the centred values.
+    # torchao's symmetric per-token int8 linear, written out so that the token's range is reduced
+    # once: the centred token's largest magnitude is (max - min) / 2, which torchao would reduce
+    # again. Same formulas as torchao 0.18 (scale = max|x| / 127.5, round(x * (1 / scale)),
+    # torch._int_mm, then the activation and weight scales), so the numbers match its path.
     scaled = x if self.act_pre_scale is None else x * self.act_pre_scale
-    center = (scaled.amax(dim=-1, keepdim=True) + scaled.amin(dim=-1, keepdim=True)) / 2
-    centred = scaled - center
-    if self.act_pre_scale is not None:
-        centred = centred / self.act_pre_scale
-    return F.linear(centred, self.weight, self.bias) + center * self.weight_row_sums.to(x.dtype)
+    high, low = scaled.amax(dim=-1, keepdim=True), scaled.amin(dim=-1, keepdim=True)
+    center = (high + low) / 2
+    scale = ((high - low) / 2 / 127.5).clamp(min=EPS)
+    q = torch.clamp(torch.round((scaled - center) * (1.0 / scale)), -128, 127).to(torch.int8)
+    y = torch._int_mm(q.reshape(-1, q.shape[-1]), self.int8_weight_t)
+    y = (y.to(scale.dtype) * scale.reshape(-1, 1) * self.weight_scales).reshape(*x.shape[:-1], -1)
+    if self.bias is not None:
+        y = y + self.bias
+    return (y + center * self.weight_row_sums).to(x.dtype)

@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchao.quantization import MappingType
 
 from llm_lightning.centering import CENTERED
@@ -89,6 +90,40 @@ def test_centring_is_as_precise_as_a_zero_point(smoothquant):
     centred = offset_layer_error("centred", smoothquant)
     assert centred < 0.75 * symmetric, (centred, symmetric)
     assert abs(centred - torchao) <= 0.15 * torchao, (centred, torchao)
+
+
+@pytest.mark.parametrize("smoothquant", [False, True], ids=["plain", "smoothquant"])
+def test_centred_forward_computes_what_torchaos_symmetric_linear_does_on_centred_tokens(smoothquant):
+    """The centred forward quantizes and multiplies by itself (one range reduction instead of
+    two); it must give what torchao's own symmetric int8 linear gives on the centred tokens. Its
+    scale, (max - min) / 2 / 127.5, can differ from torchao's max|x - c| / 127.5 in the last bit,
+    which moves an element that sits on a rounding boundary by one int8 step: so the two agree to
+    a small fraction of the quantization error, not exactly."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 64) + 4 * torch.rand(3, 5, 1)
+    x[..., 7] += 15
+    model = OneLayer(torch.nn.Linear(64, 48))
+    with torch.inference_mode():
+        reference = model(x)
+    quantize_model(
+        model,
+        "int8_dynamic",
+        activations="asymmetric",
+        smoothquant_alpha=0.5 if smoothquant else None,
+        calibration=[x[:1]] if smoothquant else [],
+    )
+    layer = model.proj
+    scaled = x if layer.act_pre_scale is None else x * layer.act_pre_scale
+    center = (scaled.amax(-1, keepdim=True) + scaled.amin(-1, keepdim=True)) / 2
+    centred = scaled - center if layer.act_pre_scale is None else (scaled - center) / layer.act_pre_scale
+    with torch.inference_mode():
+        expected = F.linear(centred, layer.weight, layer.bias) + center * layer.weight_row_sums
+        eager = model(x)
+        compiled = maybe_compile(model, True)(x)
+    quantization_error = (expected - reference).norm()
+    assert quantization_error > 0
+    assert (eager - expected).norm() <= 0.25 * quantization_error
+    assert (compiled - expected).norm() <= 0.25 * quantization_error
 
 
 def test_asymmetric_models_stay_close_to_fp32(tiny):
