@@ -27,6 +27,7 @@ from torch import nn
 
 CENTERED = "_llm_lightning_centered"
 EPS = torch.finfo(torch.float32).eps  # torchao's floor for int8 scales
+_int_scaled_matmul = None  # torchao.kernel.int_scaled_matmul, bound by center_activations
 
 
 def center_activations(model: nn.Module) -> int:
@@ -36,6 +37,10 @@ def center_activations(model: nn.Module) -> int:
     Buffers are not persistent: the saved state dict is torchao's, and `load_quantized`
     calls this again (quantization.json records it). Idempotent.
     """
+    from torchao.kernel import int_scaled_matmul  # here: importing torchao costs seconds
+
+    global _int_scaled_matmul
+    _int_scaled_matmul = int_scaled_matmul
     count = 0
     for module in model.modules():
         if not isinstance(module, nn.Linear) or getattr(module, CENTERED, False):
@@ -63,15 +68,17 @@ def center_activations(model: nn.Module) -> int:
 def _centered_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # torchao's symmetric per-token int8 linear, written out so that the token's range is reduced
     # once: the centred token's largest magnitude is (max - min) / 2, which torchao would reduce
-    # again. Same formulas as torchao 0.18 (scale = max|x| / 127.5, round(x * (1 / scale)),
-    # torch._int_mm, then the activation and weight scales), so the numbers match its path.
+    # again. Same formulas as torchao 0.18's Int8Tensor linear (scale = max|x| / 127.5,
+    # round(x * (1 / scale)), int_scaled_matmul, then the weight scales).
     scaled = x if self.act_pre_scale is None else x * self.act_pre_scale
     high, low = scaled.amax(dim=-1, keepdim=True), scaled.amin(dim=-1, keepdim=True)
     center = (high + low) / 2
     scale = ((high - low) / 2 / 127.5).clamp(min=EPS)
     q = torch.clamp(torch.round((scaled - center) * (1.0 / scale)), -128, 127).to(torch.int8)
-    y = torch._int_mm(q.reshape(-1, q.shape[-1]), self.int8_weight_t)
-    y = (y.to(scale.dtype) * scale.reshape(-1, 1) * self.weight_scales).reshape(*x.shape[:-1], -1)
+    # torchao's own int8 matmul + activation scale: on CPU torch._int_mm (u8s8 on CPUs with VNNI
+    # but no AMX, where that is faster), on CUDA its cuBLAS path with fallbacks for small shapes
+    y = _int_scaled_matmul(q.reshape(-1, q.shape[-1]), self.int8_weight_t, scale.reshape(-1, 1))
+    y = (y * self.weight_scales).reshape(*x.shape[:-1], -1)
     if self.bias is not None:
         y = y + self.bias
     return (y + center * self.weight_row_sums).to(x.dtype)
