@@ -52,7 +52,7 @@ def center_activations(model: nn.Module) -> int:
             row_sums = weight.dequantize().float().sum(dim=-1)
             pre_scale = weight.act_pre_scale  # SmoothQuant's per-channel divisor
             # plain views of torchao's int8 weight and its per-row scales (no copies): the forward
-            # below runs torch._int_mm on them directly
+            # below multiplies by them directly
             module.register_buffer("int8_weight_t", weight.qdata.contiguous().t(), persistent=False)
             module.register_buffer("weight_scales", weight.scale.flatten().float(), persistent=False)
             module.register_buffer("weight_row_sums", row_sums, persistent=False)
