@@ -65,15 +65,13 @@ def main() -> None:
     print(
         f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}; {len(test)} test texts", flush=True
     )
-    models, rows = {}, {}
+    models = {}
     for name, path in paths.items():
         started = time.perf_counter()
         model, tokenizer, compiled = load(path)
-        rows[name] = tokenizer(list(test.texts), truncation=True, max_length=task.max_length)["input_ids"]
+        rows = tokenizer(list(test.texts), truncation=True, max_length=task.max_length)["input_ids"]
         with torch.inference_mode():  # the accuracy pass also compiles every batch shape
-            metrics = evaluate(
-                model, rows[name], test.labels, model.config.num_labels, 32, tokenizer.pad_token_id
-            )
+            metrics = evaluate(model, rows, test.labels, model.config.num_labels, 32, tokenizer.pad_token_id)
         params = sum(p.numel() for p in model.parameters())
         models[name] = (model, tokenizer, compiled, metrics, params)
         print(f"  {name}: acc {metrics['acc']:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
