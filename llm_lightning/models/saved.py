@@ -22,7 +22,7 @@ def load_saved(path: str | Path):
     if path.is_dir():
         from llm_lightning.quantized_dir import is_quantized_dir, load_quantized
 
-        # a quantized/ folder (quantization.json + torchao weights), see llm_lightning/quantize.py
+        # a quantized/ folder (quantization.json + torchao weights), see llm_lightning/quantized_dir.py
         model, tokenizer = load_quantized(path) if is_quantized_dir(path) else load_exported(path)
         names = [model.config.id2label[i] for i in range(model.config.num_labels)]
         return model, tokenizer, names
