@@ -23,6 +23,7 @@ import tempfile
 import time
 import types
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ from llm_lightning.centering import CENTERED  # noqa: E402
 from llm_lightning.compiling import maybe_compile  # noqa: E402
 from llm_lightning.data import load_task  # noqa: E402
 from llm_lightning.models.saved import load_saved  # noqa: E402
+from llm_lightning.onednn_int8 import int8_linear_packed, pack_int8_weight  # noqa: E402
 from llm_lightning.quantize import calibration_inputs, quantize_model, saved_settings  # noqa: E402
 from llm_lightning.quantized_dir import save_quantized  # noqa: E402
 
@@ -56,6 +58,8 @@ VARIANTS = (
     "int8_dynamic+compile+config",
     "int8_dynamic+compile+config+torchao_zero_point",  # asymmetric by torchao's zero point, not centring
     "int8_dynamic+compile+config+torchao_linear",  # centred tokens through torchao's own int8 linear
+    "int8_dynamic+compile+config+int_mm",  # centred, torch._int_mm on the plain weight (not oneDNN-packed)
+    "int8_dynamic+compile+config+cpp_wrapper",  # inductor's C++ wrapper instead of its Python one
     "int8_weight_only",
     "torch.ao_dynamic",
 )
@@ -77,6 +81,33 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
         mm(a, b)
         times.append(time.perf_counter() - started)
     return 2 * n**3 / statistics.median(times)
+
+
+def layer_matmul_rate(model: nn.Module, rows: int, repeats: int = 3) -> Callable[[], float]:
+    """A probe: operations per second of one decoder layer's int8 matmuls alone, on `rows` tokens
+    (a batch's), with oneDNN-packed weights as the centred forward runs them (torch._int_mm where
+    oneDNN is missing): the rate these small shapes allow, against the 2048^3 one."""
+    first = model.model.layers[0]
+    shapes = [(m.in_features, m.out_features) for m in first.modules() if isinstance(m, nn.Linear)]
+    inputs = {k: torch.randint(-128, 127, (rows, k), dtype=torch.int8) for k, _ in shapes}
+    weights = [(k, torch.randint(-128, 127, (n, k), dtype=torch.int8), torch.rand(n)) for k, n in shapes]
+    packed = [(k, pack_int8_weight(w), w.t(), scales) for k, w, scales in weights]
+    ops = sum(2 * rows * k * n for k, n in shapes)
+
+    def once() -> float:
+        started = time.perf_counter()
+        for k, pw, wt, scales in packed:
+            if pw is None:
+                torch._int_mm(inputs[k], wt)
+            else:
+                int8_linear_packed(inputs[k], pw, scales)
+        return time.perf_counter() - started
+
+    def probe() -> float:
+        once()
+        return ops / statistics.median(once() for _ in range(repeats))
+
+    return probe
 
 
 def linear_params(model: nn.Module) -> int:
@@ -110,11 +141,13 @@ def build(variant: str, model_dir: Path, work: Path, qcfg, train_texts: list[str
     zero_point = "torchao" if variant.endswith("+torchao_zero_point") else "centering"
     quantized = quantize_model(model, method, calibration=calibration, zero_point=zero_point, **settings)
     folder = save_quantized(quantized, tokenizer, work / variant, method, **settings)
-    if variant.endswith("+torchao_linear"):
-        for module in quantized.modules():
-            if getattr(module, CENTERED, False):
-                module.forward = types.MethodType(_centred_through_torchao, module)
-    return maybe_compile(quantized, "+compile" in variant), folder, tokenizer, n_linear
+    for module in quantized.modules():
+        if getattr(module, CENTERED, False) and variant.endswith("+torchao_linear"):
+            module.forward = types.MethodType(_centred_through_torchao, module)
+        if getattr(module, CENTERED, False) and variant.endswith("+int_mm"):
+            module.packed_int8_weight = None  # llm_lightning.centering falls back to torchao's _int_mm
+    options = {"cpp_wrapper": True} if variant.endswith("+cpp_wrapper") else None
+    return maybe_compile(quantized, "+compile" in variant, options), folder, tokenizer, n_linear
 
 
 def _centred_through_torchao(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -163,6 +196,9 @@ def main() -> None:
     if args.activations:
         qcfg.activations = args.activations
     torch.set_num_threads(args.threads)
+    # every compiled variant's decoder layers share one code object, and each variant (inductor
+    # options, packed or plain weights) needs its own graphs: 8, torch's default, is too few here
+    torch._dynamo.config.recompile_limit = 64
     task = OmegaConf.load(ROOT / "conf" / "task" / "sentiment.yaml")
     data = load_task(task, args.seed)
     test = data.test
@@ -232,13 +268,17 @@ def in_turns(kept: dict, texts: list[str], rounds: int, max_length: int) -> dict
         return {}
     models = {name: model for name, (model, _, _) in kept.items()}
     tokenizer = next(iter(kept.values()))[1]
-    probes = {"int8 _int_mm ops/s": lambda: matmul_rate(torch.int8, repeats=3)}
-    turns = {
-        order: interleaved_throughput(
+    turns = {}
+    for order in ("split order", "by length"):
+        rows = padded_rows(tokenizer, texts, 16, max_length, by_length=order == "by length")
+        probes = {
+            "int8 _int_mm ops/s": lambda: matmul_rate(torch.int8, repeats=3),
+            "layer matmuls ops/s": layer_matmul_rate(next(iter(models.values())), rows),
+        }
+        turns[order] = interleaved_throughput(
             models, tokenizer, texts, 16, rounds, max_length, by_length=order == "by length", probes=probes
         )
-        for order in ("split order", "by length")
-    }
+        turns[order]["batch rows"] = rows
     first = next(iter(models))
     print(f"\nIn turns ({rounds} rounds, batch 16, {len(texts)} texts; median tok/s, ratio to {first}):")
     print(
@@ -254,10 +294,23 @@ def in_turns(kept: dict, texts: list[str], rounds: int, max_length: int) -> dict
             cells += [f"{got[name]:,.0f}", f"{got[name] / got[first]:.2f}x", share]
         print(f"| {name} | " + " | ".join(cells) + " |")
     for order in ("split order", "by length"):
+        got = turns[order]
         print(
-            f"_int_mm 2048^3 in turns ({order}): {turns[order]['int8 _int_mm ops/s'] / 1e9:,.0f} GOP/s (median)"
+            f"_int_mm 2048^3 in turns ({order}): {got['int8 _int_mm ops/s'] / 1e9:,.0f} GOP/s (median); one "
+            f"decoder layer's int8 matmuls alone on {got['batch rows']} rows (a median batch, padded): "
+            f"{got['layer matmuls ops/s'] / 1e9:,.0f} GOP/s, "
+            f"{got['layer matmuls ops/s'] / got['int8 _int_mm ops/s']:.0%} of it"
         )
     return turns
+
+
+def padded_rows(tokenizer, texts: list[str], batch_size: int, max_length: int, by_length: bool) -> int:
+    """Tokens in the median batch, padding included: the rows every matmul of a batch multiplies."""
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    if by_length:
+        lengths.sort()
+    batches = [lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size)]
+    return int(statistics.median(len(b) * max(b) for b in batches))
 
 
 def print_table(rows: list[dict]) -> None:

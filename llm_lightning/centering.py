@@ -25,6 +25,8 @@ import types
 import torch
 from torch import nn
 
+from llm_lightning.onednn_int8 import int8_linear_packed, pack_int8_weight
+
 CENTERED = "_llm_lightning_centered"
 EPS = torch.finfo(torch.float32).eps  # torchao's floor for int8 scales
 _int_scaled_matmul = None  # torchao.kernel.int_scaled_matmul, bound by center_activations
@@ -56,13 +58,33 @@ def center_activations(model: nn.Module) -> int:
             module.register_buffer("int8_weight_t", weight.qdata.contiguous().t(), persistent=False)
             module.register_buffer("weight_scales", weight.scale.flatten().float(), persistent=False)
             module.register_buffer("weight_row_sums", row_sums, persistent=False)
+            module.register_buffer("packed_int8_weight", pack_int8_weight(weight.qdata), persistent=False)
             module.register_buffer(
                 "act_pre_scale", None if pre_scale is None else pre_scale.float().clone(), persistent=False
             )
         module.forward = types.MethodType(_centered_forward, module)
+        if type(module) is nn.Linear:
+            module.__class__ = CentredLinear  # deep-copyable despite the packed weight
         setattr(module, CENTERED, True)
         count += 1
     return count
+
+
+class CentredLinear(nn.Linear):
+    """A centred torchao int8 linear that `copy.deepcopy` can copy.
+
+    oneDNN's packed weight is an opaque tensor without storage, which `Tensor.__deepcopy__`
+    cannot copy; copies leave it out and pack the int8 weight again.
+    """
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_buffers"] = {**state["_buffers"], "packed_int8_weight": None}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._buffers["packed_int8_weight"] = pack_int8_weight(self.weight.qdata)
 
 
 def _centered_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -75,10 +97,15 @@ def _centered_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     center = (high + low) / 2
     scale = ((high - low) / 2 / 127.5).clamp(min=EPS)
     q = torch.clamp(torch.round((scaled - center) * (1.0 / scale)), -128, 127).to(torch.int8)
-    # torchao's own int8 matmul + activation scale: on CPU torch._int_mm (u8s8 on CPUs with VNNI
-    # but no AMX, where that is faster), on CUDA its cuBLAS path with fallbacks for small shapes
-    y = _int_scaled_matmul(q.reshape(-1, q.shape[-1]), self.int8_weight_t, scale.reshape(-1, 1))
-    y = (y * self.weight_scales).reshape(*x.shape[:-1], -1)
+    rows, row_scales = q.reshape(-1, q.shape[-1]), scale.reshape(-1, 1)
+    if self.packed_int8_weight is not None:
+        # x86 CPU: oneDNN with the weight packed once (llm_lightning.onednn_int8)
+        y = int8_linear_packed(rows, self.packed_int8_weight, self.weight_scales) * row_scales
+    else:
+        # torchao's own int8 matmul + activation scale: on CPU torch._int_mm (u8s8 on CPUs with
+        # VNNI but no AMX), on CUDA its cuBLAS path with fallbacks for small shapes
+        y = _int_scaled_matmul(rows, self.int8_weight_t, row_scales) * self.weight_scales
+    y = y.reshape(*x.shape[:-1], -1)
     if self.bias is not None:
         y = y + self.bias
     return (y + center * self.weight_row_sums).to(x.dtype)

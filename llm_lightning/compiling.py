@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 
-def maybe_compile(model: nn.Module, compile: bool) -> nn.Module:
+def maybe_compile(model: nn.Module, compile: bool, options: dict | None = None) -> nn.Module:
     """torch.compile each decoder layer in place ("regional" compilation), with dynamic shapes.
 
     The decoder layers are identical, so they share one compiled graph: compiling costs one
     layer's time, not thirty's. Dynamic shapes let one graph serve every text length (batch 1
-    gets its own). Models without `model.layers` are compiled whole.
+    gets its own). Models without `model.layers` are compiled whole. `options` go to inductor
+    (torch.compile's `options`).
     """
     if not compile:
         return model
@@ -23,9 +24,9 @@ def maybe_compile(model: nn.Module, compile: bool) -> nn.Module:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if isinstance(layers, nn.ModuleList) and len(layers) > 0:
         for layer in layers:
-            layer.compile(dynamic=True)
+            layer.compile(dynamic=True, options=options)
         return model
-    return torch.compile(model, dynamic=True)
+    return torch.compile(model, dynamic=True, options=options)
 
 
 def _constant_cpu_probes() -> None:

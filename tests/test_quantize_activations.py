@@ -198,3 +198,59 @@ def test_compiled_int8_layers_trace_in_one_graph_each(tiny, activations):
         got, expected = quantized(**ids).logits, eager(**ids).logits
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)
+
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (576, 1536), (1536, 576)], ids=["tiny", "up", "down"])
+def test_packed_onednn_weights_give_what_torch_int_mm_gives(shape):
+    """On x86 CPUs the centred forward multiplies by oneDNN's packed copy of each int8 weight
+    (llm_lightning.onednn_int8) instead of torch._int_mm on the plain one: the same integer
+    products and scales, so one layer agrees to float rounding, eager and compiled."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN: the centred forward uses torch._int_mm")
+    torch.manual_seed(0)
+    features, out_features = shape
+    x = torch.randn(3, 5, features) + 4 * torch.rand(3, 5, 1)
+    layer = torch.nn.Linear(features, out_features)
+    model, compiled = OneLayer(layer), OneLayer(copy.deepcopy(layer))
+    for each in (model, compiled):
+        quantize_model(each, "int8_dynamic", activations="asymmetric")
+    assert model.proj.packed_int8_weight is not None
+    with torch.inference_mode():
+        packed, compiled = model(x), maybe_compile(compiled, True)(x)
+        model.proj.packed_int8_weight = None  # centering falls back to torchao's _int_mm
+        expected = model(x)
+    scale = expected.abs().max()
+    torch.testing.assert_close(packed, expected, atol=1e-6 * scale, rtol=0)
+    torch.testing.assert_close(compiled, expected, atol=1e-5 * scale, rtol=0)
+
+
+def test_packed_int8_model_stays_within_the_quantization_error(tiny):
+    """Through a whole model, a float-rounding difference can tip an activation across an int8
+    rounding boundary in the next layer (one int8 step, as large as the quantization error
+    itself), so packed and plain do not agree to rounding: the packed model must be as close to
+    fp32 as the plain one (the 1.5 allows for which side of a boundary each lands on)."""
+    model, tokenizer = tiny
+    reference = logits(model, tokenizer)
+    packed = int8(model, "asymmetric")
+    plain = int8(model, "asymmetric")
+    for module in quantized_linears(plain):
+        if getattr(module, CENTERED, False):
+            module.packed_int8_weight = None
+    plain_error = (logits(plain, tokenizer) - reference).norm()
+    packed_error = (logits(packed, tokenizer) - reference).norm()
+    assert 0 < packed_error <= 1.5 * plain_error, (packed_error, plain_error)
+
+
+
+def test_centred_models_deepcopy_with_their_packed_weights(tiny):
+    """oneDNN's packed weights are opaque tensors that copy.deepcopy cannot copy by itself: the
+    centred layers pack them again, and the copy computes the same logits."""
+    model, tokenizer = tiny
+    quantized = int8(model, "asymmetric")
+    copied = copy.deepcopy(quantized)
+    layers = [m for m in quantized_linears(copied) if getattr(m, CENTERED, False)]
+    assert layers and all(
+        (m.packed_int8_weight is not None) == torch.backends.mkldnn.is_available() for m in layers
+    )
+    torch.testing.assert_close(logits(copied, tokenizer), logits(quantized, tokenizer), atol=1e-6, rtol=0)

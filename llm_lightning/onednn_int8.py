@@ -1,0 +1,39 @@
+"""oneDNN's int8 linear with the weight packed once, for the centred forward on x86 CPUs.
+
+`torch._int_mm` takes the int8 weight as a plain matrix, so oneDNN reorders it into its AMX/VNNI
+blocked layout on every call. `onednn.qlinear_prepack` does that once; `onednn.qlinear_pointwise`
+then multiplies and applies the per-channel weight scales in one kernel. These are the ops
+inductor's own freezing pass substitutes for torchao's `_int_mm` pattern (torch/_inductor/fx_passes/
+quantization.py, `_register_smooth_quant_int_mm_pattern`), but freezing needs the weights baked
+into each compiled graph: one graph per decoder layer instead of one shared by all thirty.
+The packed weight is a buffer here instead, and the matmul a custom op, so inductor calls it as
+one opaque kernel and still fuses the quantization around it. Measured in docs/BENCHMARKS.md,
+"Packed int8 weights".
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pack_int8_weight(qdata: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's packed copy of an int8 [out, in] weight, or None where there is no oneDNN int8
+    linear to use (CUDA tensors, CPU builds without mkldnn): callers keep `torch._int_mm` then."""
+    if qdata.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    if not hasattr(torch.ops.onednn, "qlinear_prepack"):
+        return None
+    return torch.ops.onednn.qlinear_prepack(qdata.contiguous(), None)
+
+
+@torch.library.custom_op("llm_lightning::int8_linear_packed", mutates_args=())
+def int8_linear_packed(q: torch.Tensor, packed: torch.Tensor, weight_scales: torch.Tensor) -> torch.Tensor:
+    """(q @ W^T) * weight_scales in float32, for int8 rows q [M, in] and a packed int8 W."""
+    return torch.ops.onednn.qlinear_pointwise(
+        q, 1.0, 0, packed, weight_scales, None, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+
+
+@int8_linear_packed.register_fake
+def _(q: torch.Tensor, packed: torch.Tensor, weight_scales: torch.Tensor) -> torch.Tensor:
+    return q.new_empty((q.shape[0], weight_scales.shape[0]), dtype=torch.float32)
