@@ -200,7 +200,6 @@ def test_compiled_int8_layers_trace_in_one_graph_each(tiny, activations):
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)
 
 
-
 @pytest.mark.parametrize("shape", [(64, 48), (576, 1536), (1536, 576)], ids=["tiny", "up", "down"])
 def test_packed_onednn_weights_give_what_torch_int_mm_gives(shape):
     """On x86 CPUs the centred forward multiplies by oneDNN's packed copy of each int8 weight
@@ -240,7 +239,6 @@ def test_packed_int8_model_stays_within_the_quantization_error(tiny):
     plain_error = (logits(plain, tokenizer) - reference).norm()
     packed_error = (logits(packed, tokenizer) - reference).norm()
     assert 0 < packed_error <= 1.5 * plain_error, (packed_error, plain_error)
-
 
 
 def test_centred_models_deepcopy_with_their_packed_weights(tiny):
