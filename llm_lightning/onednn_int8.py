@@ -18,12 +18,14 @@ import torch
 
 def pack_int8_weight(qdata: torch.Tensor) -> torch.Tensor | None:
     """oneDNN's packed copy of an int8 [out, in] weight, or None where there is no oneDNN int8
-    linear to use (CUDA tensors, CPU builds without mkldnn): callers keep `torch._int_mm` then."""
+    linear to use (CUDA tensors, CPU builds without mkldnn, CPUs oneDNN cannot pack for):
+    callers keep `torch._int_mm` then."""
     if qdata.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return None
-    if not hasattr(torch.ops.onednn, "qlinear_prepack"):
+    try:
+        return torch.ops.onednn.qlinear_prepack(qdata.contiguous(), None)
+    except (AttributeError, RuntimeError, NotImplementedError):  # op missing, or not for this ISA
         return None
-    return torch.ops.onednn.qlinear_prepack(qdata.contiguous(), None)
 
 
 @torch.library.custom_op("llm_lightning::int8_linear_packed", mutates_args=())

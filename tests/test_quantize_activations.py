@@ -252,3 +252,22 @@ def test_centred_models_deepcopy_with_their_packed_weights(tiny):
         (m.packed_int8_weight is not None) == torch.backends.mkldnn.is_available() for m in layers
     )
     torch.testing.assert_close(logits(copied, tokenizer), logits(quantized, tokenizer), atol=1e-6, rtol=0)
+
+
+def test_without_onednn_the_centred_forward_uses_torch_int_mm(tiny, monkeypatch):
+    """A CPU build without oneDNN, or a CPU oneDNN cannot pack for, gets no packed weights and
+    runs torchao's `_int_mm` path instead of failing."""
+    model, tokenizer = tiny
+
+    def cannot_pack(*args):
+        raise RuntimeError("no int8 kernels for this ISA")
+
+    monkeypatch.setattr(torch.ops.onednn, "qlinear_prepack", cannot_pack)
+    fallback = int8(model, "asymmetric")
+    centred = [m for m in quantized_linears(fallback) if getattr(m, CENTERED, False)]
+    assert centred and all(m.packed_int8_weight is None for m in centred)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert all(m.packed_int8_weight is None for m in quantized_linears(int8(model, "asymmetric")))
+    reference = logits(model, tokenizer)
+    error = (logits(fallback, tokenizer) - reference).abs().max()
+    assert 0 < error <= 0.10 * reference.abs().max()
