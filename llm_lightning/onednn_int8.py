@@ -8,7 +8,7 @@ quantization.py, `_register_smooth_quant_int_mm_pattern`), but freezing needs th
 into each compiled graph: one graph per decoder layer instead of one shared by all thirty.
 The packed weight is a buffer here instead, and the matmul a custom op, so inductor calls it as
 one opaque kernel and still fuses the quantization around it. Measured in docs/BENCHMARKS.md,
-"Packed int8 weights".
+"oneDNN-packed int8 weights".
 """
 
 from __future__ import annotations
