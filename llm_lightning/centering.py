@@ -71,11 +71,18 @@ def center_activations(model: nn.Module) -> int:
 
 
 class CentredLinear(nn.Linear):
-    """A centred torchao int8 linear that `copy.deepcopy` can copy.
+    """A centred torchao int8 linear that `copy.deepcopy` and `.to(device)` can handle.
 
-    oneDNN's packed weight is an opaque tensor without storage, which `Tensor.__deepcopy__`
-    cannot copy; copies leave it out and pack the int8 weight again.
+    oneDNN's packed weight is an opaque CPU tensor without storage, which `Tensor.__deepcopy__`
+    cannot copy and no other device can hold: copies and moves leave it out and pack the int8
+    weight again (to None off the CPU, where the forward uses torchao's matmul).
     """
+
+    def _apply(self, fn, recurse=True):
+        self._buffers["packed_int8_weight"] = None
+        super()._apply(fn, recurse)
+        self._buffers["packed_int8_weight"] = pack_int8_weight(self.weight.qdata)
+        return self
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()

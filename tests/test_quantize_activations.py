@@ -241,9 +241,11 @@ def test_packed_int8_model_stays_within_the_quantization_error(tiny):
     assert 0 < packed_error <= 1.5 * plain_error, (packed_error, plain_error)
 
 
-def test_centred_models_deepcopy_with_their_packed_weights(tiny):
-    """oneDNN's packed weights are opaque tensors that copy.deepcopy cannot copy by itself: the
-    centred layers pack them again, and the copy computes the same logits."""
+def test_centred_models_deepcopy_and_move_with_their_packed_weights(tiny):
+    """oneDNN's packed weights are opaque CPU tensors that copy.deepcopy cannot copy and no other
+    device can hold: the centred layers pack again on a copy (the same logits), and moving the
+    model off the CPU drops them (its forward then uses torchao's matmul). The meta device
+    stands in for a GPU here."""
     model, tokenizer = tiny
     quantized = int8(model, "asymmetric")
     copied = copy.deepcopy(quantized)
@@ -252,6 +254,8 @@ def test_centred_models_deepcopy_with_their_packed_weights(tiny):
         (m.packed_int8_weight is not None) == torch.backends.mkldnn.is_available() for m in layers
     )
     torch.testing.assert_close(logits(copied, tokenizer), logits(quantized, tokenizer), atol=1e-6, rtol=0)
+    copied.to("meta")
+    assert all(m.packed_int8_weight is None and m.int8_weight_t.is_meta for m in layers)
 
 
 def test_without_onednn_the_centred_forward_uses_torch_int_mm(tiny, monkeypatch):
