@@ -10,7 +10,8 @@ checkpoint, a `quantized/` folder). A quantized folder saved with `compile: true
 its report measured it; everything else runs eagerly. This is how the whole chain's speed-up is
 measured: the fp32 teacher and the chain's last model in one process, in turns batch by batch
 (llm_lightning.bench.interleaved_throughput), on the test texts in split order and sorted by
-length; ratios are to the first model.
+length; ratios are to the first model. `--padding-free` adds each model again with its batches
+packed into unpadded rows (llm_lightning.padding_free), as `NAME+padding_free`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from llm_lightning.bench import cpu_name, evaluate, interleaved_throughput  # noqa: E402
 from llm_lightning.compiling import maybe_compile  # noqa: E402
 from llm_lightning.data import load_task  # noqa: E402
+from llm_lightning.padding_free import padding_free  # noqa: E402
 from llm_lightning.models.saved import load_saved  # noqa: E402
 from llm_lightning.quantized_dir import META_FILE  # noqa: E402
 
@@ -51,6 +53,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=128, help="test texts per throughput pass")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--padding-free", action="store_true", help="each model also padding-free")
     parser.add_argument("--seed", type=int, default=42, help="the training run's seed: the same test split")
     args = parser.parse_args()
     paths = {}
@@ -75,6 +78,22 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         models[name] = (model, tokenizer, compiled, metrics, params)
         print(f"  {name}: acc {metrics['acc']:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+        if args.padding_free:
+            packed = padding_free(model, tokenizer.pad_token_id)
+            with torch.inference_mode():  # compiles the packed shapes too
+                metrics = evaluate(
+                    packed, rows, test.labels, model.config.num_labels, 32, tokenizer.pad_token_id
+                )
+                evaluate(
+                    packed,
+                    rows[: args.texts],
+                    test.labels[: args.texts],
+                    model.config.num_labels,
+                    16,
+                    tokenizer.pad_token_id,
+                )
+            print(f"  {name}+padding_free: acc {metrics['acc']:.4f}", flush=True)
+            models[f"{name}+padding_free"] = (packed, tokenizer, compiled, metrics, params)
     texts = list(test.texts[: args.texts])
     tokenizer = next(iter(models.values()))[1]
     turns = {

@@ -7,11 +7,13 @@
 - `latency_p50_ms`, `latency_p95_ms`: batch 1, each of the first `latency_texts` texts timed
   alone; per text the median of `repeats` runs, then the 50th/95th percentile over texts.
 - `tokens_per_s_b{n}`, `texts_per_s_b{n}` for n in `batch_sizes`: the first `throughput_texts`
-  texts in split order (real length mix, padded per batch); the median of `repeats` timed passes
+  texts in split order (real length mix, padded per batch unless padding-free); the median of `repeats` timed passes
   after `warmup` untimed ones. Tokens are real (non-pad) tokens.
 - `peak_rss_mb`: the process's peak resident memory during the measurement (the kernel's
   high-water mark is reset first), so it includes the Python and torch runtime (~0.4 GB).
 - `size_mb`: weight files in the model's folder; `params`: parameter count (logical elements).
+- `padding_free`: True when batches ran packed into unpadded rows (`settings.padding_free`, on
+  models llm_lightning.padding_free can pack for); accuracy and speed are then of packed batches.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import torch
 from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
+from llm_lightning.padding_free import PaddingFree, padding_free
+
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".gguf")
 
 
@@ -40,12 +44,13 @@ class BenchSettings:
     repeats: int = 3  # timed passes; medians are reported
     eval_batch_size: int = 32  # accuracy pass
     max_length: int = 128
+    padding_free: bool = True  # texts packed into unpadded rows (llm_lightning.padding_free)
 
     def __post_init__(self) -> None:
         problems = [
             f"bench.{k}={v} must be >= 1"
             for k, v in asdict(self).items()
-            if k != "batch_sizes" and int(v) < 1
+            if k not in ("batch_sizes", "padding_free") and int(v) < 1
         ]
         if not self.batch_sizes or min(int(b) for b in self.batch_sizes) < 1:
             problems.append(f"bench.batch_sizes={list(self.batch_sizes)} must be positive integers")
@@ -147,8 +152,12 @@ def measure(
     pad_id = tokenizer.pad_token_id
     rows = tokenizer(list(texts), truncation=True, max_length=settings.max_length)["input_ids"]
     reset_peak_rss()
+    params = float(sum(p.numel() for p in model.parameters()))
+    if settings.padding_free:
+        model = padding_free(model, pad_id)
     result: dict = {
-        "params": float(sum(p.numel() for p in model.parameters())),
+        "params": params,
+        "padding_free": isinstance(model, PaddingFree),
         "size_mb": size_on_disk_mb(path),
         "threads": float(torch.get_num_threads()),
     }

@@ -46,6 +46,7 @@ COLUMNS = (
     ("size_mb", "disk MB", "{:.1f}"),
     ("peak_rss_mb", "peak RSS MB", "{:,.0f}"),
     ("threads", "threads", "{:.0f}"),
+    ("padding_free", "padding-free", "{}"),
 )
 
 
@@ -230,6 +231,7 @@ def to_tensorboard(report: dict, logdir: Path) -> None:
                 "stage": row["stage"],
                 "input": str(row.get("input")),
                 "compile": bool(row.get("compile")),
+                "padding_free": bool(row.get("padding_free")),
                 "threads": int(row["threads"]),
             }
             metrics = {

@@ -1,0 +1,125 @@
+"""Padding-free batches (llm_lightning.padding_free): the same logits as padded batches, fewer rows."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from llm_lightning.bench import BenchSettings, measure
+from llm_lightning.padding_free import PaddingFree, pack_batch, padding_free
+from llm_lightning.quantize import quantize_model
+
+# lengths from 2 to 40 bytes: a batch that packs into fewer rows than texts
+TEXTS = [
+    "a dull film",
+    "ok",
+    "a gorgeous, moving and very funny film about friendship and loss",
+    "bad",
+] * 2 + [
+    "it was fine, I guess",
+    "the actors are wonderful but the story drags on",
+]
+
+
+def padded(tokenizer, texts, side: str = "right"):
+    tokenizer.padding_side = side
+    try:
+        enc = tokenizer(texts, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = "right"
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def logits(model, ids, mask) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids, attention_mask=mask).logits.float()
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_padding_free_logits_are_the_padded_logits(tiny, attention):
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)
+    model.set_attn_implementation(attention)
+    ids, mask = padded(tokenizer, TEXTS)
+    packed = pack_batch(ids, mask, tokenizer.pad_token_id)
+    assert packed is not None and packed.input_ids.shape[0] < len(TEXTS)
+    assert packed.input_ids.numel() < mask.numel()  # fewer tokens computed
+    torch.testing.assert_close(
+        logits(padding_free(model, tokenizer.pad_token_id), ids, mask),
+        logits(model, ids, mask),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def test_left_padded_batches_give_the_same_logits(tiny):
+    model, tokenizer = tiny
+    right, left = padded(tokenizer, TEXTS), padded(tokenizer, TEXTS, side="left")
+    assert not torch.equal(right[0], left[0])
+    torch.testing.assert_close(
+        logits(PaddingFree(model, tokenizer.pad_token_id), *left), logits(model, *right), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_each_text_sits_whole_in_one_row_with_its_own_positions(tiny):
+    _, tokenizer = tiny
+    ids, mask = padded(tokenizer, TEXTS)
+    packed = pack_batch(ids, mask, tokenizer.pad_token_id)
+    assert packed.input_ids.shape[1] == mask.shape[1]  # rows as wide as the longest text
+    for text, (row, col) in enumerate(zip(packed.rows.tolist(), packed.cols.tolist(), strict=True)):
+        n = int(mask[text].sum())
+        start = col - n + 1
+        assert torch.equal(packed.input_ids[row, start : col + 1], ids[text, :n])
+        assert packed.position_ids[row, start : col + 1].tolist() == list(range(n))
+    cells = {
+        (r, c - i)
+        for t, (r, c) in enumerate(zip(packed.rows.tolist(), packed.cols.tolist()))
+        for i in range(int(mask[t].sum()))
+    }
+    assert len(cells) == int(mask.sum())  # no two texts share a cell
+
+
+def test_batches_that_cannot_pack_run_as_they_are(tiny):
+    model, tokenizer = tiny
+    same = padded(tokenizer, ["abcd", "efgh", "ijkl"])  # equal lengths: as many rows as texts
+    assert pack_batch(*same, tokenizer.pad_token_id) is None
+    one = padded(tokenizer, ["a single text"])
+    assert pack_batch(*one, tokenizer.pad_token_id) is None
+    wrapped = PaddingFree(model, tokenizer.pad_token_id)
+    torch.testing.assert_close(logits(wrapped, *same), logits(model, *same))
+
+
+def test_models_without_a_decoder_and_score_head_stay_padded(tiny):
+    model, tokenizer = tiny
+    other = nn.Linear(4, 2)
+    assert padding_free(other, 0) is other
+    assert padding_free(model, None) is model  # no pad token
+    wrapped = padding_free(model, tokenizer.pad_token_id)
+    assert isinstance(wrapped, PaddingFree) and padding_free(wrapped, tokenizer.pad_token_id) is wrapped
+
+
+def test_int8_model_packed_stays_within_its_quantization_error(tiny):
+    model, tokenizer = tiny
+    int8 = quantize_model(copy.deepcopy(model), "int8_dynamic", activations="asymmetric")
+    ids, mask = padded(tokenizer, TEXTS)
+    reference = logits(model, ids, mask)
+    error = (logits(int8, ids, mask) - reference).abs().max()
+    packed_error = (logits(padding_free(int8, tokenizer.pad_token_id), ids, mask) - reference).abs().max()
+    assert packed_error <= 1.5 * error + 1e-4
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_bench_reports_whether_batches_ran_padding_free(tiny, on):
+    model, tokenizer = tiny
+    settings = BenchSettings(
+        batch_sizes=(4,), throughput_texts=8, latency_texts=2, repeats=1, padding_free=on
+    )
+    row = measure(model, tokenizer, TEXTS, [0, 1] * 5, settings)
+    assert row["padding_free"] is on
+    off = measure(
+        model, tokenizer, TEXTS, [0, 1] * 5, BenchSettings(**{**vars(settings), "padding_free": False})
+    )
+    assert row["acc"] == off["acc"]
