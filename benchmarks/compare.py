@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 from llm_lightning.bench import cpu_name, evaluate, interleaved_throughput  # noqa: E402
 from llm_lightning.compiling import maybe_compile  # noqa: E402
 from llm_lightning.data import load_task  # noqa: E402
-from llm_lightning.padding_free import padding_free  # noqa: E402
 from llm_lightning.models.saved import load_saved  # noqa: E402
+from llm_lightning.padding_free import padding_free  # noqa: E402
 from llm_lightning.quantized_dir import META_FILE  # noqa: E402
 
 ORDERS = ("split order", "sorted by length")

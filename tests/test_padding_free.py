@@ -76,7 +76,7 @@ def test_each_text_sits_whole_in_one_row_with_its_own_positions(tiny):
         assert packed.position_ids[row, start : col + 1].tolist() == list(range(n))
     cells = {
         (r, c - i)
-        for t, (r, c) in enumerate(zip(packed.rows.tolist(), packed.cols.tolist()))
+        for t, (r, c) in enumerate(zip(packed.rows.tolist(), packed.cols.tolist(), strict=True))
         for i in range(int(mask[t].sum()))
     }
     assert len(cells) == int(mask.sum())  # no two texts share a cell
