@@ -7,7 +7,8 @@ Variants: fp32 eager, fp32 + torch.compile, torchao int8 dynamic (eager and comp
 linear layer, the same `+config`: with conf/quantize/int8_dynamic.yaml's accuracy settings
 (`skip`, `smoothquant_alpha` calibrated on `calibration_texts` training texts, `activations`;
 `--skip`, `--smoothquant-alpha` and `--activations` override them), torchao int8 weight-only, and the deprecated
-torch.ao.quantization.quantize_dynamic as a comparison only.
+torch.ao.quantization.quantize_dynamic as a comparison only. Batches are padded, as a model
+gets them, except in `+padding_free` variants (llm_lightning.padding_free packs them).
 It also measures this CPU's matrix-multiply rates (2048^3 `torch.mm` in fp32, `torch._int_mm` in
 int8) and prints each variant's throughput as a fraction of the ceiling they allow: the rate
 divided by 2 x (parameters in linear layers) operations per token.
@@ -46,6 +47,7 @@ from llm_lightning.compiling import maybe_compile  # noqa: E402
 from llm_lightning.data import load_task  # noqa: E402
 from llm_lightning.models.saved import load_saved  # noqa: E402
 from llm_lightning.onednn_int8 import int8_linear_packed, pack_int8_weight  # noqa: E402
+from llm_lightning.padding_free import padding_free  # noqa: E402
 from llm_lightning.quantize import calibration_inputs, quantize_model, saved_settings  # noqa: E402
 from llm_lightning.quantized_dir import save_quantized  # noqa: E402
 
@@ -60,6 +62,8 @@ VARIANTS = (
     "int8_dynamic+compile+config+torchao_linear",  # centred tokens through torchao's own int8 linear
     "int8_dynamic+compile+config+int_mm",  # centred, torch._int_mm on the plain weight (not oneDNN-packed)
     "int8_dynamic+compile+config+cpp_wrapper",  # inductor's C++ wrapper instead of its Python one
+    "fp32+padding_free",  # batches packed into unpadded rows (llm_lightning.padding_free)
+    "int8_dynamic+compile+config+padding_free",
     "int8_weight_only",
     "torch.ao_dynamic",
 )
@@ -87,7 +91,9 @@ def layer_matmul_rate(model: nn.Module, rows: int, repeats: int = 3) -> Callable
     """A probe: operations per second of one decoder layer's int8 matmuls alone, on `rows` tokens
     (a batch's), with oneDNN-packed weights as the centred forward runs them (torch._int_mm where
     oneDNN is missing): the rate these small shapes allow, against the 2048^3 one."""
-    first = model.model.layers[0]
+    first = getattr(model, "classifier", model).model.layers[
+        0
+    ]  # under llm_lightning.padding_free's wrapper too
     shapes = [(m.in_features, m.out_features) for m in first.modules() if isinstance(m, nn.Linear)]
     inputs = {k: torch.randint(-128, 127, (rows, k), dtype=torch.int8) for k, _ in shapes}
     weights = [(k, torch.randint(-128, 127, (n, k), dtype=torch.int8), torch.rand(n)) for k, n in shapes]
@@ -115,9 +121,15 @@ def linear_params(model: nn.Module) -> int:
 
 
 def build(variant: str, model_dir: Path, work: Path, qcfg, train_texts: list[str], max_length: int):
-    """(model to measure, folder for its size on disk, linear parameters) for one variant.
+    """(model to measure, folder for its size on disk, linear parameters) for one variant; batches
+    are padded unless the variant ends with `+padding_free`.
 
     `qcfg` (skip, smoothquant_alpha, calibration_texts) applies to the `+config` variants only."""
+    if variant.endswith("+padding_free"):
+        model, folder, tokenizer, n_linear = build(
+            variant.removesuffix("+padding_free"), model_dir, work, qcfg, train_texts, max_length
+        )
+        return padding_free(model, tokenizer.pad_token_id), folder, tokenizer, n_linear
     model, tokenizer, _ = load_saved(model_dir)
     model.eval()
     n_linear = linear_params(model)
@@ -209,6 +221,7 @@ def main() -> None:
         latency_texts=args.latency_texts,
         repeats=args.repeats,
         max_length=task.max_length,
+        padding_free=False,  # the +padding_free variants pack
     )
     rates = {"fp32": matmul_rate(torch.float32), "int8": matmul_rate(torch.int8)}
     print(
