@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llm_lightning.bench import cpu_name, evaluate, interleaved_throughput  # noqa: E402
+from llm_lightning.bench import cpu_name, evaluate, interleaved_throughput, token_counts  # noqa: E402
 from llm_lightning.compiling import maybe_compile  # noqa: E402
 from llm_lightning.data import load_task  # noqa: E402
 from llm_lightning.models.saved import load_saved  # noqa: E402
@@ -109,6 +109,10 @@ def main() -> None:
         for order in ORDERS
     }
     first = next(iter(models))
+    rows = tokenizer(texts, truncation=True, max_length=task.max_length)["input_ids"]
+    for order, ordered in zip(ORDERS, (rows, sorted(rows, key=len)), strict=True):
+        real, padded = token_counts(ordered, 16)
+        print(f"{order}: {real:,} real tokens, {padded:,} once padded per batch ({real / padded:.0%} real)")
     base_acc = models[first][3]["acc"]
     print(
         f"\nIn turns, batch by batch ({args.rounds} rounds, batch 16, {len(texts)} test texts; tok/s median):"

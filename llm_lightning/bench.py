@@ -94,6 +94,13 @@ def pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
     return ids, mask
 
 
+def token_counts(rows: list[list[int]], batch_size: int) -> tuple[int, int]:
+    """(real tokens, tokens computed) when `rows` go in batches of `batch_size`, each padded to its
+    longest row."""
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    return sum(map(len, rows)), sum(len(b) * max(map(len, b)) for b in batches)
+
+
 def _batches(rows: list[list[int]], size: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [pad(rows[i : i + size], pad_id) for i in range(0, len(rows), size)]
 

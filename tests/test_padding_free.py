@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from llm_lightning.bench import BenchSettings, measure
+from llm_lightning.bench import BenchSettings, measure, token_counts
 from llm_lightning.padding_free import PaddingFree, pack_batch, padding_free
 from llm_lightning.quantize import quantize_model
 
@@ -123,3 +123,7 @@ def test_bench_reports_whether_batches_ran_padding_free(tiny, on):
         model, tokenizer, TEXTS, [0, 1] * 5, BenchSettings(**{**vars(settings), "padding_free": False})
     )
     assert row["acc"] == off["acc"]
+
+
+def test_token_counts_count_the_padding_a_batch_adds():
+    assert token_counts([[1, 2, 3], [4], [5, 6], [7, 8]], 2) == (8, 10)  # (3+3) + (2+2) computed
