@@ -92,7 +92,10 @@ class PaddingFree(nn.Module):
 
 def can_pack(model: nn.Module) -> bool:
     """True for decoder classifiers built as transformers builds Llama's: a base `.model` whose
-    forward takes position ids, and a `.score` head on its last hidden states."""
+    forward takes position ids, and a `.score` head on its last hidden states. Not a model
+    torch.compile'd whole: its `.model` is the uncompiled one, and packing would bypass the compile."""
+    if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+        return False
     return all(isinstance(getattr(model, part, None), nn.Module) for part in ("model", "score")) and (
         isinstance(getattr(model.model, "layers", None), nn.ModuleList)
     )

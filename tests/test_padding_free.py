@@ -97,6 +97,8 @@ def test_models_without_a_decoder_and_score_head_stay_padded(tiny):
     other = nn.Linear(4, 2)
     assert padding_free(other, 0) is other
     assert padding_free(model, None) is model  # no pad token
+    compiled = torch.compile(model)  # whole: packing through `.model` would skip the compiled code
+    assert padding_free(compiled, tokenizer.pad_token_id) is compiled
     wrapped = padding_free(model, tokenizer.pad_token_id)
     assert isinstance(wrapped, PaddingFree) and padding_free(wrapped, tokenizer.pad_token_id) is wrapped
 
