@@ -91,9 +91,8 @@ def layer_matmul_rate(model: nn.Module, rows: int, repeats: int = 3) -> Callable
     """A probe: operations per second of one decoder layer's int8 matmuls alone, on `rows` tokens
     (a batch's), with oneDNN-packed weights as the centred forward runs them (torch._int_mm where
     oneDNN is missing): the rate these small shapes allow, against the 2048^3 one."""
-    first = getattr(model, "classifier", model).model.layers[
-        0
-    ]  # under llm_lightning.padding_free's wrapper too
+    classifier = getattr(model, "classifier", model)  # under llm_lightning.padding_free's wrapper too
+    first = classifier.model.layers[0]
     shapes = [(m.in_features, m.out_features) for m in first.modules() if isinstance(m, nn.Linear)]
     inputs = {k: torch.randint(-128, 127, (rows, k), dtype=torch.int8) for k, _ in shapes}
     weights = [(k, torch.randint(-128, 127, (n, k), dtype=torch.int8), torch.rand(n)) for k, n in shapes]
