@@ -3,7 +3,7 @@
 A batch of texts is padded to its longest text; at batch 16 on Rotten Tomatoes test texts in
 their given order, 45% of the tokens are padding (3,189 real tokens in 5,808), and a model spends
 as long on a padding token as on a real one. Here the texts go first-fit, longest first, into
-rows as wide as the longest text, each text with position ids from 0: transformers (>= 4.53)
+rows as wide as the longest text, each text with position ids from 0: transformers (5.24 here)
 reads restarting position ids as packed sequences and masks attention to stay inside each text
 (`masking_utils.find_packed_sequence_indices`), so every text is computed as if alone. Each
 text's class comes from its own last token, as `*ForSequenceClassification` pools it.
@@ -14,6 +14,7 @@ Ratios measured in docs/BENCHMARKS.md, "Padding-free batches".
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -92,12 +93,18 @@ class PaddingFree(nn.Module):
 
 def can_pack(model: nn.Module) -> bool:
     """True for decoder classifiers built as transformers builds Llama's: a base `.model` whose
-    forward takes position ids, and a `.score` head on its last hidden states. Not a model
-    torch.compile'd whole: its `.model` is the uncompiled one, and packing would bypass the compile."""
+    forward takes position ids and masks attention with transformers' `create_causal_mask`, and a
+    `.score` head on its last hidden states. Not a model torch.compile'd whole: its `.model` is
+    the uncompiled one, and packing would bypass the compile."""
     if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
         return False
-    return all(isinstance(getattr(model, part, None), nn.Module) for part in ("model", "score")) and (
-        isinstance(getattr(model.model, "layers", None), nn.ModuleList)
+    if not all(isinstance(getattr(model, part, None), nn.Module) for part in ("model", "score")):
+        return False
+    # packed texts are kept apart only by transformers' mask builder; a decoder that masks
+    # attention its own way (remote code, older designs) would let them attend to each other
+    decoder_module = sys.modules.get(type(model.model).__module__)
+    return isinstance(getattr(model.model, "layers", None), nn.ModuleList) and hasattr(
+        decoder_module, "create_causal_mask"
     )
 
 
@@ -108,7 +115,9 @@ def padding_free(model: nn.Module, pad_id: int | None) -> nn.Module:
         return model
     if pad_id is None or not can_pack(model):
         log.info(
-            "Batches stay padded: %s has no `.model.layers` and `.score` to pack for", type(model).__name__
+            "Batches stay padded: %s is not a transformers decoder classifier to pack for "
+            "(`.model.layers` masked by `create_causal_mask`, `.score`), or has no pad token",
+            type(model).__name__,
         )
         return model
     return PaddingFree(model, pad_id)

@@ -96,6 +96,10 @@ def test_models_without_a_decoder_and_score_head_stay_padded(tiny):
     model, tokenizer = tiny
     other = nn.Linear(4, 2)
     assert padding_free(other, 0) is other
+    own_masking = nn.Module()  # a decoder and a head, but attention masked by code of its own
+    own_masking.model, own_masking.score = nn.Module(), nn.Linear(4, 2)
+    own_masking.model.layers = nn.ModuleList([nn.Linear(4, 4)])
+    assert padding_free(own_masking, 0) is own_masking
     assert padding_free(model, None) is model  # no pad token
     compiled = torch.compile(model)  # whole: packing through `.model` would skip the compiled code
     assert padding_free(compiled, tokenizer.pad_token_id) is compiled
