@@ -5,8 +5,9 @@
 
 Variants: fp32 eager, fp32 + torch.compile, torchao int8 dynamic (eager and compiled) on every
 linear layer, the same `+config`: with conf/quantize/int8_dynamic.yaml's accuracy settings
-(`skip`, `smoothquant_alpha` calibrated on `calibration_texts` training texts, `activations`;
-`--skip`, `--smoothquant-alpha` and `--activations` override them), torchao int8 weight-only, and the deprecated
+(`skip`, `smoothquant_alpha` calibrated on `calibration_texts` training texts, `activations`,
+`fuse_projections`; `--skip`, `--smoothquant-alpha` and `--activations` override them; `+unfused`
+leaves q/k/v and gate/up as separate layers), torchao int8 weight-only, and the deprecated
 torch.ao.quantization.quantize_dynamic as a comparison only. Batches are padded, as a model
 gets them, except in `+padding_free` variants (llm_lightning.padding_free packs them).
 It also measures this CPU's matrix-multiply rates (2048^3 `torch.mm` in fp32, `torch._int_mm` in
@@ -64,6 +65,8 @@ VARIANTS = (
     "int8_dynamic+compile+config+cpp_wrapper",  # inductor's C++ wrapper instead of its Python one
     "fp32+padding_free",  # batches packed into unpadded rows (llm_lightning.padding_free)
     "int8_dynamic+compile+config+padding_free",
+    "int8_dynamic+compile+config+unfused",  # q/k/v and gate/up left as separate layers
+    "int8_dynamic+compile+config+unfused+padding_free",
     "int8_weight_only",
     "torch.ao_dynamic",
 )
@@ -150,7 +153,10 @@ def build(variant: str, model_dir: Path, work: Path, qcfg, train_texts: list[str
         if settings["smoothquant_alpha"] is not None:
             calibration = calibration_inputs(tokenizer, train_texts, qcfg.calibration_texts, max_length)
     zero_point = "torchao" if variant.endswith("+torchao_zero_point") else "centering"
-    quantized = quantize_model(model, method, calibration=calibration, zero_point=zero_point, **settings)
+    fuse = "+config" in variant and bool(qcfg.get("fuse_projections")) and "+unfused" not in variant
+    quantized = quantize_model(
+        model, method, calibration=calibration, zero_point=zero_point, fuse_projections=fuse, **settings
+    )
     folder = save_quantized(quantized, tokenizer, work / variant, method, **settings)
     for module in quantized.modules():
         if getattr(module, CENTERED, False) and variant.endswith("+torchao_linear"):

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llm_lightning.centering import center_activations
+from llm_lightning.fused_projections import fuse_projections as fuse
 from llm_lightning.quantized_dir import save_quantized
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ def quantize_model(
     calibration: Sequence[torch.Tensor] = (),
     activations: str = "symmetric",
     zero_point: str = "centering",
+    fuse_projections: bool = False,
 ) -> nn.Module:
     """Quantize the model's linear layers in place and return it in eval mode.
 
@@ -139,6 +141,9 @@ def quantize_model(
         zero_point: how asymmetric activations are done: "centering" (llm_lightning.centering:
             torchao's symmetric kernel on centred tokens, as fast as symmetric) or "torchao" (its
             own zero point, which re-sums the weights every call; kept for benchmarks).
+        fuse_projections: first stack each Llama layer's q/k/v and gate/up into one linear layer
+            each (llm_lightning.fused_projections), so they share one input quantization, one
+            SmoothQuant divisor and one wider matmul. Groups with a `skip` layer stay unfused.
     """
     from torchao.quantization import quantize_
     from torchao.quantization.quant_api import _is_linear  # torchao's default filter
@@ -156,6 +161,8 @@ def quantize_model(
         model.to(torch.bfloat16)  # tinygemm packs bf16 weights
     if keep:
         log.info("quantize.skip keeps %d linear layers in float: %s", len(keep), sorted(keep))
+    if fuse_projections:
+        fuse(model, keep)
     if zero_point not in ("centering", "torchao"):
         raise ValueError(f"zero_point={zero_point!r} is not one of ('centering', 'torchao').")
     centre = activations == "asymmetric" and zero_point == "centering"
@@ -234,7 +241,12 @@ def quantize_with_config(model: nn.Module, tokenizer, qcfg: DictConfig, data, ma
             tokenizer, data.train.texts, int(qcfg.get("calibration_texts", 64)), max_length
         )
     return quantize_model(
-        model, qcfg.method, qcfg.get("group_size", 128), calibration=calibration, **saved_settings(qcfg)
+        model,
+        qcfg.method,
+        qcfg.get("group_size", 128),
+        calibration=calibration,
+        fuse_projections=bool(qcfg.get("fuse_projections", False)),
+        **saved_settings(qcfg),
     )
 
 

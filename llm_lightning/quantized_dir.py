@@ -2,12 +2,17 @@
 
     quantized/
       config.json, tokenizer files    as in model/ (save_pretrained)
-      quantization.json               {"format": 2, "method", "compile", "skip",
-                                      "smoothquant_alpha", "activations", "centered", "torch", "torchao",
-                                      "weights", "attn_implementation"}; format 1 (no "centered") loads too
+      quantization.json               {"format": 3, "method", "compile", "skip",
+                                      "smoothquant_alpha", "activations", "centered",
+                                      "fused_projections", "torch", "torchao", "weights",
+                                      "attn_implementation"}; formats 1 (no "centered") and 2 (no
+                                      "fused_projections") load too
       quantized_weights.pt            torch.save(state_dict): the quantized linear weights are torchao
                                       tensor subclasses (Int8Tensor), everything else (embeddings,
-                                      the `quantize.skip` layers) plain tensors
+                                      the `quantize.skip` layers) plain tensors. With
+                                      "fused_projections", a Llama layer's q/k/v weights are one
+                                      `self_attn.qkv_proj` (rows q, k, v) and gate/up one
+                                      `mlp.gate_up_proj` (llm_lightning.fused_projections)
 
 `quantized_weights.pt` loads with `torch.load(weights_only=True)`: torchao registers its tensor
 classes as safe globals, so no pickled code runs. The weights need the same major torchao version.
@@ -24,11 +29,12 @@ from torch import nn
 
 from llm_lightning.centering import CENTERED, center_activations
 from llm_lightning.export import atomic_dir
+from llm_lightning.fused_projections import fuse_projections, is_fused
 
 WEIGHTS_FILE = "quantized_weights.pt"
 META_FILE = "quantization.json"
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)  # 2 added "centered" (llm_lightning.centering)
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)  # 2 added "centered" (llm_lightning.centering), 3 "fused_projections"
 
 
 def save_quantized(
@@ -57,6 +63,8 @@ def save_quantized(
             "activations": activations if method == "int8_dynamic" else None,
             # asymmetric by centring: the loader must centre again (llm_lightning.centering)
             "centered": any(getattr(m, CENTERED, False) for m in model.modules()),
+            # the loader must stack the same layers before the weights fit
+            "fused_projections": is_fused(model),
             "torch": torch.__version__,
             "torchao": torchao.__version__,
             "weights": WEIGHTS_FILE,
@@ -91,6 +99,8 @@ def load_quantized(path: Path):
         model = AutoModelForSequenceClassification.from_config(
             config, dtype=torch.float32, attn_implementation=meta.get("attn_implementation") or "eager"
         )
+    if meta.get("fused_projections"):
+        fuse_projections(model, empty=True)  # the saved weights are the stacked ones
     state = torch.load(path / meta["weights"], map_location="cpu", weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not _tied(model, k)]
