@@ -49,7 +49,7 @@ from llm_lightning.data import load_task  # noqa: E402
 from llm_lightning.models.saved import load_saved  # noqa: E402
 from llm_lightning.onednn_int8 import int8_linear_packed, pack_int8_weight  # noqa: E402
 from llm_lightning.padding_free import padding_free  # noqa: E402
-from llm_lightning.quantize import calibration_inputs, quantize_model, saved_settings  # noqa: E402
+from llm_lightning.quantize import quantize_model, quantize_with_config, saved_settings  # noqa: E402
 from llm_lightning.quantized_dir import save_quantized  # noqa: E402
 
 VARIANTS = (
@@ -122,14 +122,14 @@ def linear_params(model: nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
 
-def build(variant: str, model_dir: Path, work: Path, qcfg, train_texts: list[str], max_length: int):
+def build(variant: str, model_dir: Path, work: Path, qcfg, data, max_length: int):
     """(model to measure, folder for its size on disk, linear parameters) for one variant; batches
     are padded unless the variant ends with `+padding_free`.
 
     `qcfg` (skip, smoothquant_alpha, calibration_texts) applies to the `+config` variants only."""
     if variant.endswith("+padding_free"):
         model, folder, tokenizer, n_linear = build(
-            variant.removesuffix("+padding_free"), model_dir, work, qcfg, train_texts, max_length
+            variant.removesuffix("+padding_free"), model_dir, work, qcfg, data, max_length
         )
         return padding_free(model, tokenizer.pad_token_id), folder, tokenizer, n_linear
     model, tokenizer, _ = load_saved(model_dir)
@@ -146,17 +146,15 @@ def build(variant: str, model_dir: Path, work: Path, qcfg, train_texts: list[str
         torch.save(quantized.state_dict(), folder / "weights.pt")
         return quantized, folder, tokenizer, n_linear
     method = variant.split("+")[0]
-    settings = {"skip": [], "smoothquant_alpha": None, "activations": "symmetric"}
-    calibration = []
-    if "+config" in variant:
-        settings = saved_settings(qcfg)
-        if settings["smoothquant_alpha"] is not None:
-            calibration = calibration_inputs(tokenizer, train_texts, qcfg.calibration_texts, max_length)
     zero_point = "torchao" if variant.endswith("+torchao_zero_point") else "centering"
-    fuse = "+config" in variant and bool(qcfg.get("fuse_projections")) and "+unfused" not in variant
-    quantized = quantize_model(
-        model, method, calibration=calibration, zero_point=zero_point, fuse_projections=fuse, **settings
-    )
+    if "+config" in variant:  # as `python -m llm_lightning.quantize` does it (alpha `auto`: on val)
+        vcfg = OmegaConf.merge(qcfg, {"method": method})
+        vcfg.fuse_projections = bool(qcfg.get("fuse_projections")) and "+unfused" not in variant
+        quantized = quantize_with_config(model, tokenizer, vcfg, data, max_length, zero_point=zero_point)
+        settings = saved_settings(vcfg)
+    else:
+        settings = {"skip": [], "smoothquant_alpha": None, "activations": "symmetric"}
+        quantized = quantize_model(model, method, zero_point=zero_point, **settings)
     folder = save_quantized(quantized, tokenizer, work / variant, method, **settings)
     for module in quantized.modules():
         if getattr(module, CENTERED, False) and variant.endswith("+torchao_linear"):
@@ -192,7 +190,7 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, help="only the first N test texts (a speed-only run)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--skip", help="+config variants: comma-separated fnmatch patterns kept in float")
-    parser.add_argument("--smoothquant-alpha", help="+config variants: a float, or 'none'")
+    parser.add_argument("--smoothquant-alpha", help="+config variants: a float, 'auto' or 'none'")
     parser.add_argument("--activations", choices=("symmetric", "asymmetric"), help="+config variants")
     parser.add_argument(
         "--rounds",
@@ -209,7 +207,9 @@ def main() -> None:
     if args.skip is not None:
         qcfg.skip = [p for p in args.skip.split(",") if p]
     if args.smoothquant_alpha is not None:
-        qcfg.smoothquant_alpha = None if args.smoothquant_alpha == "none" else float(args.smoothquant_alpha)
+        named = {"none": None, "auto": "auto"}
+        alpha = args.smoothquant_alpha
+        qcfg.smoothquant_alpha = named[alpha] if alpha in named else float(alpha)
     if args.activations:
         qcfg.activations = args.activations
     torch.set_num_threads(args.threads)
@@ -244,7 +244,7 @@ def main() -> None:
         for variant in variants:
             started = time.perf_counter()
             model, folder, tokenizer, n_linear = build(
-                variant, args.model, Path(tmp), qcfg, data.train.texts, task.max_length
+                variant, args.model, Path(tmp), qcfg, data, task.max_length
             )
             row = measure(model, tokenizer, test.texts, test.labels, settings, path=folder)
             ceiling = rates["int8" if variant.startswith(("int8_dynamic", "torch.ao")) else "fp32"] / (

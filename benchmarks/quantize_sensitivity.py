@@ -13,7 +13,8 @@ Variant grammar: `;` separates variants; within one, `+` joins options:
 `all` (every linear int8), `skip=PAT,PAT` (keep those in float; fnmatch on module names),
 `smooth=ALPHA` (torchao SmoothQuant, calibrated on `--calib` training texts), `asym`
 (asymmetric per-token activations, by centring: llm_lightning.centering), `zp` (with asym: by
-torchao's own zero point instead).
+torchao's own zero point instead), `fuse` (q/k/v and gate/up stacked into one layer each:
+llm_lightning.fused_projections).
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ from llm_lightning.bench import pad  # noqa: E402
 from llm_lightning.data import load_task  # noqa: E402
 from llm_lightning.models.saved import load_saved  # noqa: E402
 from llm_lightning.quantize import linear_names, quantize_model, skipped_linears, torchao_config  # noqa: E402
+from llm_lightning.smoothquant_search import logits  # noqa: E402
 
 
 def parse_variant(spec: str) -> dict:
-    variant = {"name": spec, "skip": [], "smooth": None, "asym": False, "zp": False}
+    variant = {"name": spec, "skip": [], "smooth": None, "asym": False, "zp": False, "fuse": False}
     for part in spec.split("+"):
         key, _, value = part.partition("=")
         if key == "all":
@@ -48,11 +50,11 @@ def parse_variant(spec: str) -> dict:
             variant["skip"] = [p for p in value.split(",") if p]
         elif key == "smooth":
             variant["smooth"] = float(value)
-        elif key in ("asym", "zp"):
+        elif key in ("asym", "zp", "fuse"):
             variant[key] = True
         else:
             raise SystemExit(
-                f"unknown variant option {part!r} in {spec!r}; use all, skip=, smooth=, asym, zp"
+                f"unknown variant option {part!r} in {spec!r}; use all, skip=, smooth=, asym, zp, fuse"
             )
     return variant
 
@@ -68,21 +70,8 @@ def quantize(model: nn.Module, variant: dict, calib_rows: list[list[int]]) -> nn
         calibration=calibration,
         activations="asymmetric" if variant["asym"] else "symmetric",
         zero_point="torchao" if variant["zp"] else "centering",
+        fuse_projections=variant["fuse"],
     )
-
-
-def logits(model: nn.Module, rows: list[list[int]], pad_id: int, batch_size: int = 32) -> torch.Tensor:
-    """(len(rows), num_labels) fp32 logits, in the rows' order (batched by length)."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    out = None
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = pad([rows[i] for i in idx], pad_id)
-            got = model(input_ids=ids, attention_mask=mask).logits.float()
-            out = torch.empty(len(rows), got.shape[-1]) if out is None else out
-            out[idx] = got
-    return out
 
 
 def compare(name: str, got: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, seconds: float) -> dict:

@@ -42,8 +42,10 @@ def fuse_projections(model: nn.Module, keep: Collection[str] = (), empty: bool =
     """
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 
-    groups = {LlamaAttention: (QKV, ("q_proj", "k_proj", "v_proj"), _attention_forward),
-              LlamaMLP: (GATE_UP, ("gate_proj", "up_proj"), _mlp_forward)}
+    groups = {
+        LlamaAttention: (QKV, ("q_proj", "k_proj", "v_proj"), _attention_forward),
+        LlamaMLP: (GATE_UP, ("gate_proj", "up_proj"), _mlp_forward),
+    }
     count = 0
     for name, module in model.named_modules():
         kind = next((k for k in groups if type(module).forward is k.forward and isinstance(module, k)), None)
@@ -84,7 +86,9 @@ def _stacked(linears: list[nn.Linear], empty: bool) -> nn.Linear:
     return fused
 
 
-def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+def _attention_forward(
+    self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs
+):
     # transformers 5.24 LlamaAttention.forward, with q/k/v from one matmul
     from transformers.models.llama.modeling_llama import (
         ALL_ATTENTION_FUNCTIONS,

@@ -24,6 +24,7 @@ from torch import nn
 from llm_lightning.centering import center_activations
 from llm_lightning.fused_projections import fuse_projections as fuse
 from llm_lightning.quantized_dir import save_quantized
+from llm_lightning.smoothquant_search import AUTO, require_validation
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,11 @@ def quantize_model(
     if method == "none":
         return model
     check_smoothquant(method, smoothquant_alpha, len(calibration))
+    if smoothquant_alpha == AUTO:
+        raise ValueError(
+            "quantize_model needs a number for smoothquant_alpha; 'auto' is resolved on the validation "
+            "split by quantize_with_config (python -m llm_lightning.quantize, the compress chain)."
+        )
     check_activations(method, activations)
     keep = skipped_linears(model, list(skip))
     device = next(model.parameters()).device.type
@@ -195,7 +201,7 @@ def _centred(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_smoothquant(method: str, alpha: float | None, calibration_texts: int) -> None:
+def check_smoothquant(method: str, alpha: float | str | None, calibration_texts: int) -> None:
     if alpha is None:
         return
     problems = []
@@ -204,8 +210,11 @@ def check_smoothquant(method: str, alpha: float | None, calibration_texts: int) 
             f"quantize.smoothquant_alpha={alpha} needs quantize=int8_dynamic (it evens out the "
             f"activations that int8_dynamic quantizes); quantize.method is {method!r}: set it to null"
         )
-    if not 0.0 <= float(alpha) <= 1.0:
-        problems.append(f"quantize.smoothquant_alpha={alpha} must be in [0, 1] (0.5 is SmoothQuant's usual)")
+    if alpha != AUTO and not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) <= 1.0):
+        problems.append(
+            f"quantize.smoothquant_alpha={alpha!r} must be in [0, 1] (0.5 is SmoothQuant's usual), "
+            f"{AUTO!r} (picked on the validation split) or null (off)"
+        )
     if calibration_texts < 1:
         problems.append(
             f"SmoothQuant needs calibration texts, got {calibration_texts} "
@@ -231,23 +240,40 @@ def calibration_inputs(tokenizer, texts: Sequence[str], n: int, max_length: int)
     return [torch.tensor([row]) for row in rows]
 
 
-def quantize_with_config(model: nn.Module, tokenizer, qcfg: DictConfig, data, max_length: int) -> nn.Module:
+def quantize_with_config(
+    model: nn.Module, tokenizer, qcfg: DictConfig, data, max_length: int, zero_point: str = "centering"
+) -> nn.Module:
     """`quantize_model` with a `quantize=` config; SmoothQuant calibrates on the training split
-    (never the test texts it is then evaluated on)."""
+    (never the test texts it is then evaluated on). `smoothquant_alpha: auto` is resolved on the
+    validation split (llm_lightning.smoothquant_search) and the chosen number written back into
+    `qcfg`, so that `saved_settings(qcfg)` records it."""
     alpha = qcfg.get("smoothquant_alpha")
     calibration = []
     if alpha is not None and qcfg.method == "int8_dynamic":
         calibration = calibration_inputs(
             tokenizer, data.train.texts, int(qcfg.get("calibration_texts", 64)), max_length
         )
-    return quantize_model(
-        model,
-        qcfg.method,
-        qcfg.get("group_size", 128),
-        calibration=calibration,
-        fuse_projections=bool(qcfg.get("fuse_projections", False)),
-        **saved_settings(qcfg),
-    )
+    settings = saved_settings(qcfg)
+
+    def quantize(each: nn.Module, alpha: float | None) -> nn.Module:
+        return quantize_model(
+            each,
+            qcfg.method,
+            qcfg.get("group_size", 128),
+            calibration=calibration,
+            fuse_projections=bool(qcfg.get("fuse_projections", False)),
+            zero_point=zero_point,
+            **{**settings, "smoothquant_alpha": alpha},
+        )
+
+    if alpha == AUTO and qcfg.method == "int8_dynamic":
+        from llm_lightning.smoothquant_search import DEFAULT_CANDIDATES, choose_alpha
+
+        rows = tokenizer(list(data.val.texts), truncation=True, max_length=max_length)["input_ids"]
+        candidates = qcfg.get("smoothquant_candidates") or DEFAULT_CANDIDATES
+        alpha, _ = choose_alpha(model, quantize, rows, tokenizer.pad_token_id, candidates)
+        qcfg.smoothquant_alpha = alpha
+    return quantize(model, alpha)
 
 
 def saved_settings(qcfg: DictConfig) -> dict:
@@ -289,6 +315,8 @@ def quantize_run(cfg: DictConfig, out: Path, model_dir: Path | None = None) -> d
     alpha = qcfg.get("smoothquant_alpha")
     check_smoothquant(qcfg.method, alpha, len(data.train) and int(qcfg.get("calibration_texts", 64)))
     check_activations(qcfg.method, qcfg.get("activations", "symmetric"))
+    if alpha == AUTO and qcfg.method == "int8_dynamic":
+        require_validation(len(data.val))  # before the fp32 benchmark, not after
     rows = [measure_stage("fp32", model, tokenizer, data, cfg, model_dir, settings, compile=False)]
     quantized = quantize_with_config(model, tokenizer, qcfg, data, cfg.task.max_length)
     target = save_quantized(

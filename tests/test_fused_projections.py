@@ -43,7 +43,9 @@ def test_fused_float_model_gives_the_same_logits(tiny, attention):
     fused = copy.deepcopy(model)
     assert fuse_projections(fused) == 2 * len(model.model.layers)
     layer = fused.model.layers[0]
-    assert isinstance(getattr(layer.self_attn, QKV), nn.Linear) and isinstance(getattr(layer.mlp, GATE_UP), nn.Linear)
+    assert isinstance(getattr(layer.self_attn, QKV), nn.Linear) and isinstance(
+        getattr(layer.mlp, GATE_UP), nn.Linear
+    )
     assert not any(hasattr(layer.self_attn, p) or hasattr(layer.mlp, p) for p in SPLIT)
     q = model.model.layers[0].self_attn.q_proj.weight
     torch.testing.assert_close(layer.self_attn.qkv_proj.weight[: q.shape[0]], q)  # rows: q first
