@@ -47,7 +47,7 @@ def fuse_projections(model: nn.Module, keep: Collection[str] = (), empty: bool =
         LlamaMLP: (GATE_UP, ("gate_proj", "up_proj"), _mlp_forward),
     }
     count = 0
-    for name, module in model.named_modules():
+    for name, module in list(model.named_modules()):  # a list: the loop adds and removes modules
         kind = next((k for k in groups if type(module).forward is k.forward and isinstance(module, k)), None)
         if kind is None or getattr(module, FUSED, False):
             continue
