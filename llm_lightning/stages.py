@@ -159,6 +159,10 @@ def write_report(
     report = {"environment": environment(), "speed_key": SPEED_KEY, "stages": rows, "warnings": found}
     if cfg is not None and cfg.get("runtime") is not None:
         report["runtime"] = OmegaConf.to_container(cfg.runtime, resolve=True)
+    quantize = cfg.get("quantize") if cfg is not None else None
+    if quantize is not None and quantize.get("method", "none") != "none":
+        # as used: `smoothquant_alpha: auto` has been replaced by the alpha it chose
+        report["quantize"] = OmegaConf.to_container(quantize, resolve=True)
     write_json(out / "report.json", report)
     (out / "report.md").write_text(markdown(report))
     pareto_plot(rows, out / "pareto.png")
@@ -190,6 +194,9 @@ def markdown(report: dict) -> str:
             value = row.get(key)
             cells.append("—" if value is None else fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
+    if "quantize" in report:
+        settings = ", ".join(f"{k}={v}" for k, v in report["quantize"].items())
+        lines.append(f"\nQuantization settings: {settings}")
     if report["warnings"]:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
     return "\n".join(lines) + "\n"

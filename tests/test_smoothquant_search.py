@@ -95,6 +95,9 @@ def test_quantize_run_with_auto_tunes_on_validation_and_saves_the_number(tiny, t
     assert seen["candidates"] == [0.2, 0.8]
     meta = json.loads((tmp_path / "quantized" / META_FILE).read_text())
     assert meta["smoothquant_alpha"] == seen["chosen"] in (0.2, 0.8)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["quantize"]["smoothquant_alpha"] == seen["chosen"]
+    assert f"smoothquant_alpha={seen['chosen']}" in (tmp_path / "report.md").read_text()
 
 
 def test_auto_needs_validation_texts_and_sane_candidates(tiny):
