@@ -37,7 +37,7 @@ from llm_lightning.bench import pad  # noqa: E402
 from llm_lightning.data import load_task  # noqa: E402
 from llm_lightning.models.saved import load_saved  # noqa: E402
 from llm_lightning.quantize import linear_names, quantize_model, skipped_linears, torchao_config  # noqa: E402
-from llm_lightning.smoothquant_search import logits  # noqa: E402
+from llm_lightning.smoothquant_search import agreement, logits  # noqa: E402
 
 
 def parse_variant(spec: str) -> dict:
@@ -75,16 +75,13 @@ def quantize(model: nn.Module, variant: dict, calib_rows: list[list[int]]) -> nn
 
 
 def compare(name: str, got: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, seconds: float) -> dict:
-    margin, ref_margin = got[:, 1] - got[:, 0], ref[:, 1] - ref[:, 0]
     pred, ref_pred = got.argmax(-1), ref.argmax(-1)
     return {
         "variant": name,
         "acc": float((pred == labels).float().mean()),
-        "flips": int((pred != ref_pred).sum()),
+        **agreement(got, ref),  # flips, margin_mae, margin_max: what `smoothquant_alpha: auto` ranks by
         "fixed": int(((pred == labels) & (ref_pred != labels)).sum()),
         "broken": int(((pred != labels) & (ref_pred == labels)).sum()),
-        "margin_mae": float((margin - ref_margin).abs().mean()),
-        "margin_max": float((margin - ref_margin).abs().max()),
         "seconds": seconds,
     }
 

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from llm_lightning.bench import BenchSettings, cpu_name, measure
@@ -263,6 +263,17 @@ def stage_dirs(run_dir: Path) -> list[tuple[str, Path, str | None, bool]]:
     return found
 
 
+def _alpha_as_saved(cfg: DictConfig, run_dir: Path) -> None:
+    """The run's config may say `smoothquant_alpha: auto`; its quantized/ folder records the alpha
+    chosen, which the report's settings must show."""
+    from llm_lightning.quantized_dir import META_FILE
+
+    meta = run_dir / "quantized" / META_FILE
+    if meta.exists() and cfg.get("quantize") is not None:
+        with open_dict(cfg):
+            cfg.quantize.smoothquant_alpha = json.loads(meta.read_text()).get("smoothquant_alpha")
+
+
 def report_for_run(run_dir: Path, cfg: DictConfig | None = None, require_speedup: bool = False) -> dict:
     """Load every stage a run exported, measure each on the run's test split, write the report there."""
     from llm_lightning.data import load_task
@@ -274,6 +285,7 @@ def report_for_run(run_dir: Path, cfg: DictConfig | None = None, require_speedup
         if not config_file.exists():
             raise FileNotFoundError(f"No {config_file}: the report reads the run's task and seed from it.")
         cfg = OmegaConf.load(config_file)
+    _alpha_as_saved(cfg, run_dir)
     stages = stage_dirs(run_dir)
     if not stages:
         raise FileNotFoundError(f"{run_dir} has no exported stage (model/ or quantized/) to report on.")

@@ -12,6 +12,7 @@ from llm_lightning.export import export_model
 from llm_lightning.quantize import quantize_model, quantize_run
 from llm_lightning.quantized_dir import META_FILE
 from llm_lightning.smoothquant_search import agreement, choose_alpha, logits
+from llm_lightning.stages import report_for_run
 from tests.conftest import make_cfg
 
 TEXTS = ["a gorgeous, moving film", "dull and far too long", "fine", "an utter mess of a plot", "I laughed"]
@@ -72,18 +73,16 @@ def test_quantize_run_with_auto_tunes_on_validation_and_saves_the_number(tiny, t
         return seen["chosen"], results
 
     monkeypatch.setattr("llm_lightning.smoothquant_search.choose_alpha", spy)
-    cfg = make_cfg(
-        tmp_path,
-        [
-            "quantize=int8_dynamic",
-            "quantize.compile=false",
-            "quantize.smoothquant_alpha=auto",
-            "quantize.smoothquant_candidates=[0.2,0.8]",
-            "quantize.calibration_texts=4",
-            "bench=quick",
-            "task.limit=40",
-        ],
-    )
+    overrides = [
+        "quantize=int8_dynamic",
+        "quantize.compile=false",
+        "quantize.smoothquant_alpha=auto",
+        "quantize.smoothquant_candidates=[0.2,0.8]",
+        "quantize.calibration_texts=4",
+        "bench=quick",
+        "task.limit=40",
+    ]
+    cfg = make_cfg(tmp_path, overrides)
     quantize_run(cfg, tmp_path)
     from llm_lightning.data import load_task
 
@@ -98,6 +97,9 @@ def test_quantize_run_with_auto_tunes_on_validation_and_saves_the_number(tiny, t
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["quantize"]["smoothquant_alpha"] == seen["chosen"]
     assert f"smoothquant_alpha={seen['chosen']}" in (tmp_path / "report.md").read_text()
+    # measured again from the run's config, which still says `auto`: the saved number is reported
+    again = report_for_run(tmp_path, make_cfg(tmp_path, overrides))
+    assert again["quantize"]["smoothquant_alpha"] == seen["chosen"]
 
 
 def test_auto_needs_validation_texts_and_sane_candidates(tiny):
