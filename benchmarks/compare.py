@@ -12,6 +12,9 @@ measured: the fp32 teacher and the chain's last model in one process, in turns b
 (llm_lightning.bench.interleaved_throughput), on the test texts in split order and sorted by
 length; ratios are to the first model. `--padding-free` adds each model again with its batches
 packed into unpadded rows (llm_lightning.padding_free), as `NAME+padding_free`.
+`NAME=PATH@eager` (or `@sdpa`) runs that model with that attention kernel instead of the one it
+loads with (an exported `model/` folder loads with SDPA; a quantized folder with the one it was saved
+with), e.g. to time the fp32 teacher with both kernels.
 """
 
 from __future__ import annotations
@@ -33,13 +36,15 @@ from llm_lightning.compiling import maybe_compile  # noqa: E402
 from llm_lightning.data import load_task  # noqa: E402
 from llm_lightning.models.saved import load_saved  # noqa: E402
 from llm_lightning.padding_free import padding_free  # noqa: E402
+from llm_lightning.quantize import ATTENTIONS, set_attention  # noqa: E402
 from llm_lightning.quantized_dir import META_FILE  # noqa: E402
 
 ORDERS = ("split order", "sorted by length")
 
 
-def load(path: Path):
+def load(path: Path, attention: str | None = None):
     model, tokenizer, _ = load_saved(path)
+    set_attention(model, attention)
     meta = path / META_FILE
     compiled = meta.exists() and bool(json.loads(meta.read_text()).get("compile"))
     return maybe_compile(model.eval(), compiled), tokenizer, compiled
@@ -59,9 +64,13 @@ def main() -> None:
     paths = {}
     for spec in args.models:
         name, sep, path = spec.partition("=")
+        where, at, kernel = path.rpartition("@")
+        path, attention = (where, kernel) if at and kernel in ATTENTIONS else (path, None)
         if not sep or not Path(path).exists():
-            parser.error(f"{spec!r}: expected NAME=PATH to an existing model folder or checkpoint")
-        paths[name] = Path(path)
+            parser.error(
+                f"{spec!r}: expected NAME=PATH[@eager|@sdpa] to an existing model folder or checkpoint"
+            )
+        paths[name] = (Path(path), attention)
     torch.set_num_threads(args.threads)
     task = OmegaConf.load(ROOT / "conf" / "task" / "sentiment.yaml")
     test = load_task(task, args.seed).test
@@ -69,15 +78,19 @@ def main() -> None:
         f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}; {len(test)} test texts", flush=True
     )
     models = {}
-    for name, path in paths.items():
+    for name, (path, attention) in paths.items():
         started = time.perf_counter()
-        model, tokenizer, compiled = load(path)
+        model, tokenizer, compiled = load(path, attention)
         rows = tokenizer(list(test.texts), truncation=True, max_length=task.max_length)["input_ids"]
         with torch.inference_mode():  # the accuracy pass also compiles every batch shape
             metrics = evaluate(model, rows, test.labels, model.config.num_labels, 32, tokenizer.pad_token_id)
         params = sum(p.numel() for p in model.parameters())
         models[name] = (model, tokenizer, compiled, metrics, params)
-        print(f"  {name}: acc {metrics['acc']:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+        print(
+            f"  {name}: acc {metrics['acc']:.4f}, {model.config._attn_implementation} attention "
+            f"({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
         if args.padding_free:
             packed = padding_free(model, tokenizer.pad_token_id)
             with torch.inference_mode():  # compiles the packed shapes too
