@@ -72,6 +72,9 @@ def main() -> None:
             )
         paths[name] = (Path(path), attention)
     torch.set_num_threads(args.threads)
+    # every compiled model's decoder layers share one code object, and each model (its attention
+    # kernel, its shapes) needs its own graphs: 8, torch's default, is too few for several models
+    torch._dynamo.config.recompile_limit = 64
     task = OmegaConf.load(ROOT / "conf" / "task" / "sentiment.yaml")
     test = load_task(task, args.seed).test
     print(
