@@ -6,9 +6,11 @@
 Variants: fp32 eager, fp32 + torch.compile, torchao int8 dynamic (eager and compiled) on every
 linear layer, the same `+config`: with conf/quantize/int8_dynamic.yaml's accuracy settings
 (`skip`, `smoothquant_alpha` calibrated on `calibration_texts` training texts, `activations`,
-`fuse_projections`; `--skip`, `--smoothquant-alpha` and `--activations` override them; `+unfused`
-leaves q/k/v and gate/up as separate layers), torchao int8 weight-only, and the deprecated
-torch.ao.quantization.quantize_dynamic as a comparison only. Batches are padded, as a model
+`fuse_projections`, `attention`; `--skip`, `--smoothquant-alpha` and `--activations` override
+them; `+unfused` leaves q/k/v and gate/up as separate layers, `+sdpa` keeps SDPA attention),
+torchao int8 weight-only, and the deprecated torch.ao.quantization.quantize_dynamic as a
+comparison only. `fp32+eager_attention` runs the fp32 model with eager attention instead of the
+SDPA an exported folder loads with. Batches are padded, as a model
 gets them, except in `+padding_free` variants (llm_lightning.padding_free packs them).
 It also measures this CPU's matrix-multiply rates (2048^3 `torch.mm` in fp32, `torch._int_mm` in
 int8) and prints each variant's throughput as a fraction of the ceiling they allow: the rate
@@ -49,7 +51,12 @@ from llm_lightning.data import load_task  # noqa: E402
 from llm_lightning.models.saved import load_saved  # noqa: E402
 from llm_lightning.onednn_int8 import int8_linear_packed, pack_int8_weight  # noqa: E402
 from llm_lightning.padding_free import padding_free  # noqa: E402
-from llm_lightning.quantize import quantize_model, quantize_with_config, saved_settings  # noqa: E402
+from llm_lightning.quantize import (  # noqa: E402
+    quantize_model,
+    quantize_with_config,
+    saved_settings,
+    set_attention,
+)
 from llm_lightning.quantized_dir import save_quantized  # noqa: E402
 
 VARIANTS = (
@@ -64,9 +71,13 @@ VARIANTS = (
     "int8_dynamic+compile+config+int_mm",  # centred, torch._int_mm on the plain weight (not oneDNN-packed)
     "int8_dynamic+compile+config+cpp_wrapper",  # inductor's C++ wrapper instead of its Python one
     "fp32+padding_free",  # batches packed into unpadded rows (llm_lightning.padding_free)
+    "fp32+eager_attention",  # an exported model/ loads with SDPA; this one runs eager attention
+    "fp32+eager_attention+padding_free",
     "int8_dynamic+compile+config+padding_free",
     "int8_dynamic+compile+config+unfused",  # q/k/v and gate/up left as separate layers
     "int8_dynamic+compile+config+unfused+padding_free",
+    "int8_dynamic+compile+config+sdpa",  # SDPA attention instead of the config's (eager)
+    "int8_dynamic+compile+config+sdpa+padding_free",
     "int8_weight_only",
     "torch.ao_dynamic",
 )
@@ -136,6 +147,7 @@ def build(variant: str, model_dir: Path, work: Path, qcfg, data, max_length: int
     model.eval()
     n_linear = linear_params(model)
     if variant.startswith("fp32"):
+        set_attention(model, "eager" if "+eager_attention" in variant else None)
         return maybe_compile(model, variant.endswith("+compile")), model_dir, tokenizer, n_linear
     if variant == "torch.ao_dynamic":
         with warnings.catch_warnings():
@@ -150,6 +162,8 @@ def build(variant: str, model_dir: Path, work: Path, qcfg, data, max_length: int
     if "+config" in variant:  # as `python -m llm_lightning.quantize` does it (alpha `auto`: on val)
         vcfg = OmegaConf.merge(qcfg, {"method": method})
         vcfg.fuse_projections = bool(qcfg.get("fuse_projections")) and "+unfused" not in variant
+        if variant.endswith("+sdpa"):
+            vcfg.attention = "sdpa"
         quantized = quantize_with_config(model, tokenizer, vcfg, data, max_length, zero_point=zero_point)
         settings = saved_settings(vcfg)
     else:
