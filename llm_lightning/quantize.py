@@ -249,8 +249,8 @@ def set_attention(model: nn.Module, attention: str | None) -> None:
     An exported `model/` folder loads with transformers' default, SDPA, whatever kernel it was
     trained with (config.json does not keep it). For the short texts this is measured on, eager
     attention compiles into two small matmuls around one fused softmax and ran the compiled int8
-    teacher 1.04-1.10x faster than SDPA (docs/BENCHMARKS.md, "Eager attention for the compiled
-    int8 model"); quantization.json records the choice, and the loader builds the model with it."""
+    teacher 1.02-1.17x faster than SDPA in two runs (docs/BENCHMARKS.md, "Eager attention for the
+    compiled int8 model"); quantization.json records the choice, and the loader builds the model with it."""
     check_attention(attention)
     if attention is not None and getattr(model.config, "_attn_implementation", None) != attention:
         model.set_attn_implementation(attention)
