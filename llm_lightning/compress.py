@@ -2,6 +2,7 @@
 
     python -m llm_lightning.compress                                  # conf/compress.yaml
     python -m llm_lightning.compress out=/tmp/chain 'common=[model=tiny,debug=smoke]'
+    python -m llm_lightning.compress recipe=gradual_11_layers        # conf/recipes/gradual_11_layers.yaml
 
 Stages, each in its own folder under `out` and each exporting its model:
 
@@ -14,11 +15,19 @@ Stages, each in its own folder under `out` and each exporting its model:
 The training stages are `llm_lightning.train.train` runs composed from conf/train.yaml with
 `common` and then the stage's own overrides (a later override of the same key wins). A stage
 whose exported model exists is skipped, so rerunning the command resumes at the first missing one.
+
+Those three are the shipped recipe. `stages` may list more, in the order they run, under any
+name after `teacher` (lower case, digits, `_`): pruning a little at a time with distillation in
+between, as the 11-layer student in docs/BENCHMARKS.md was made, is
+`teacher -> pruned -> distilled -> pruned_again -> distilled_again`, each stage naming an earlier
+one's model as `{name}`. The last training stage is the one quantized; a stage whose config
+prunes (`prune.method` other than `none`) counts as a compression in the report's speed check.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -30,7 +39,23 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-TRAINING_STAGES = ("teacher", "pruned", "distilled")
+FIRST_STAGE = "teacher"  # fine-tuned first; its config gives the report its task, bench and runtime
+QUANTIZED = "quantized"  # the last stage's folder, not a training stage
+
+
+def training_stages(chain: DictConfig) -> list[str]:
+    """The chain's training stages in the order they run, checked: `teacher` first, then folder-safe
+    names, none of them `quantized`."""
+    names = list(chain.stages)
+    bad = [n for n in names if n == QUANTIZED or not re.fullmatch(r"[a-z][a-z0-9_]*", n)]
+    if not names or names[0] != FIRST_STAGE or bad:
+        raise ValueError(
+            f"compress stages {names}: the first must be {FIRST_STAGE!r} (the fine-tuned model the others "
+            f"start from), and each name lower case letters, digits or '_', not {QUANTIZED!r}"
+            + (f" (refused: {bad})" if bad else "")
+            + " (key `stages` in conf/compress.yaml)."
+        )
+    return names
 
 
 def merged_overrides(*groups: list[str]) -> list[str]:
@@ -48,7 +73,7 @@ def stage_config(chain: DictConfig, stage: str, out: Path) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    paths = {name: str(out / name / "model") for name in TRAINING_STAGES}
+    paths = {name: str(out / name / "model") for name in training_stages(chain)}
     own = [o.format(**paths) for o in chain.stages[stage]]
     overrides = merged_overrides(list(chain.common), own)
     GlobalHydra.instance().clear()
@@ -61,8 +86,8 @@ def stage_config(chain: DictConfig, stage: str, out: Path) -> DictConfig:
 
 
 def done(out: Path, stage: str) -> bool:
-    if stage == "quantized":
-        return (out / "quantized" / META_FILE).exists()
+    if stage == QUANTIZED:
+        return (out / QUANTIZED / META_FILE).exists()
     return (out / stage / "model" / "config.json").exists()
 
 
@@ -71,25 +96,25 @@ def compress(chain: DictConfig) -> dict:
     from llm_lightning.train import apply_runtime, train
 
     out = Path(chain.out)
-    unknown = sorted(set(chain.stages) - set(TRAINING_STAGES))
-    if unknown:
-        raise ValueError(
-            f"compress stages {unknown} are not among {TRAINING_STAGES} (key `stages` in conf/compress.yaml)."
-        )
-    for stage in TRAINING_STAGES:
+    stages = training_stages(chain)
+    for stage in stages:
         if done(out, stage):
             print(f"[compress] {stage}: {out / stage / 'model'} exists, skipped", flush=True)
             continue
         print(f"[compress] {stage}: training in {out / stage}", flush=True)
         train(stage_config(chain, stage, out))
-    cfg = stage_config(chain, "teacher", out)  # task, seed, bench and runtime for the report
+    cfg = stage_config(chain, FIRST_STAGE, out)  # task, seed, bench and runtime for the report
     apply_runtime(cfg.runtime)
     with open_dict(cfg):
         cfg.quantize = OmegaConf.merge(cfg.quantize, chain.quantize)
-    return quantize_and_report(cfg, out)
+    # a stage prunes when its composed config does (`prune=`, or an experiment that picks it)
+    pruning = [s for s in stages if stage_config(chain, s, out).prune.method != "none"]
+    return quantize_and_report(cfg, out, stages, pruning)
 
 
-def quantize_and_report(cfg: DictConfig, out: Path) -> dict:
+def quantize_and_report(cfg: DictConfig, out: Path, stages: list[str], pruning: list[str]) -> dict:
+    """Quantize the last training stage's model (unless done), then measure every stage in order.
+    `pruning`: the stages that must be faster than their input, besides the quantized one."""
     from llm_lightning.data import load_task
     from llm_lightning.models.saved import load_saved
     from llm_lightning.quantize import check_platform, quantize_with_config, saved_settings
@@ -100,19 +125,19 @@ def quantize_and_report(cfg: DictConfig, out: Path) -> dict:
     check_platform(q.method, "cpu", q.get("group_size", 128))
     data = load_task(cfg.task, cfg.seed)
     require_test_split(data, str(out))
-    if not done(out, "quantized"):
-        model, tokenizer, _ = load_saved(out / "distilled" / "model")
+    if not done(out, QUANTIZED):
+        model, tokenizer, _ = load_saved(out / stages[-1] / "model")
         quantized = quantize_with_config(model, tokenizer, q, data, cfg.task.max_length)
-        save_quantized(quantized, tokenizer, out / "quantized", q.method, q.compile, **saved_settings(q))
-        print(f"[compress] quantized: {q.method} -> {out / 'quantized'}", flush=True)
+        save_quantized(quantized, tokenizer, out / QUANTIZED, q.method, q.compile, **saved_settings(q))
+        print(f"[compress] quantized: {q.method} -> {out / QUANTIZED}", flush=True)
     settings, rows, previous = bench_settings(cfg), [], None
-    for stage in (*TRAINING_STAGES, "quantized"):
-        path = out / stage if stage == "quantized" else out / stage / "model"
+    for stage in (*stages, QUANTIZED):
+        path = out / stage if stage == QUANTIZED else out / stage / "model"
         model, tokenizer, _ = load_saved(path)
-        compile = stage == "quantized" and bool(q.compile)
-        name = f"quantized ({q.method}{'+compile' if compile else ''})" if stage == "quantized" else stage
+        compile = stage == QUANTIZED and bool(q.compile)
+        name = f"quantized ({q.method}{'+compile' if compile else ''})" if stage == QUANTIZED else stage
         # distillation retrains the pruned shape: only pruning and quantization must be faster
-        compressed = stage in ("pruned", "quantized")
+        compressed = stage in pruning or stage == QUANTIZED
         rows.append(
             measure_stage(name, model, tokenizer, data, cfg, path, settings, compile, previous, compressed)
         )
@@ -121,10 +146,27 @@ def quantize_and_report(cfg: DictConfig, out: Path) -> dict:
     return write_report(rows, out, cfg, require_speedup=bool(q.get("require_speedup", False)))
 
 
-def main(argv: list[str] | None = None) -> None:
+def load_chain(args: list[str]) -> DictConfig:
+    """conf/compress.yaml, then `recipe=<name or file>` (its `stages` replace the shipped ones), then
+    the other `key=value` arguments."""
     chain = OmegaConf.load(CONF / "compress.yaml")
-    chain = OmegaConf.merge(chain, OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv)))
-    compress(chain)
+    recipes = [a.split("=", 1)[1] for a in args if a.startswith("recipe=")]
+    for recipe in recipes[-1:]:
+        path = Path(recipe) if recipe.endswith(".yaml") else CONF / "recipes" / f"{recipe}.yaml"
+        if not path.exists():
+            shipped = sorted(f.stem for f in (CONF / "recipes").glob("*.yaml"))
+            raise FileNotFoundError(
+                f"recipe={recipe!r}: no {path}; shipped recipes: {shipped}, or a .yaml path."
+            )
+        own = OmegaConf.load(path)
+        if "stages" in own:
+            chain.stages = own.stages  # replaced, not merged: a recipe names all of its stages
+        chain = OmegaConf.merge(chain, {k: v for k, v in own.items() if k != "stages"})
+    return OmegaConf.merge(chain, OmegaConf.from_dotlist([a for a in args if not a.startswith("recipe=")]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    compress(load_chain(list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import llm_lightning.train
-from llm_lightning.compress import CONF, compress, merged_overrides
+from llm_lightning.compress import CONF, compress, load_chain, merged_overrides
 
 
 def test_later_overrides_of_the_same_key_win():
@@ -80,9 +80,93 @@ def test_chain_exports_every_stage_reports_them_and_resumes(chain, monkeypatch):
     assert [r["stage"] for r in again["stages"]] == [s for s, _, _ in stages]
 
 
-def test_unknown_stage_is_refused(chain):
-    chain.stages.sparsify = []
-    with pytest.raises(
-        ValueError, match=r"\['sparsify'\] are not among \('teacher', 'pruned', 'distilled'\)"
-    ):
+def test_more_stages_run_in_order_each_from_the_one_it_names(chain, monkeypatch):
+    """Pruning twice: each stage starts from the model it names, the last one is quantized, and
+    only stages that prune (and the quantized one) must be faster than their input."""
+    prune_one = ["model=hf", "prune=depth", "prune.remove_layers=1", "trainer.max_steps=0"]
+    chain.stages = {
+        "teacher": ["model.num_layers=3"],
+        "pruned": [*prune_one, "model.name_or_path={teacher}"],
+        "retrained": ["model=hf", "model.name_or_path={pruned}"],
+        "pruned_again": [*prune_one, "model.name_or_path={retrained}"],
+    }
+    chain.quantize = {**chain.quantize, "smoothquant_alpha": None, "fuse_projections": False}
+    report = compress(chain)
+    out = Path(chain.out)
+    assert OmegaConf.load(out / "pruned_again/.hydra/config.yaml").model.name_or_path == str(
+        out / "retrained/model"
+    )
+    stages = [(r["stage"], r["input"], r["compressed"], r["params"]) for r in report["stages"]]
+    assert [s[:3] for s in stages] == [
+        ("teacher", None, False),
+        ("pruned", "teacher", True),
+        ("retrained", "pruned", False),
+        ("pruned_again", "retrained", True),
+        ("quantized (int8_dynamic)", "pruned_again", True),
+    ]
+    params = [s[3] for s in stages]
+    assert params[0] > params[1] == params[2] > params[3] == params[4]  # 3 layers, then 2, then 1
+
+
+@pytest.mark.parametrize(
+    "stages",
+    [
+        {"pruned": [], "teacher": []},  # teacher not first
+        {"teacher": [], "quantized": []},  # the quantized stage's folder
+        {"teacher": [], "Pruned/2": []},  # not a plain folder name
+    ],
+)
+def test_a_chain_that_does_not_start_from_the_teacher_or_names_a_stage_badly_is_refused(chain, stages):
+    chain.stages = stages
+    with pytest.raises(ValueError, match=r"compress stages .*: the first must be 'teacher'.*key `stages`"):
         compress(chain)
+    assert not Path(chain.out).exists()  # refused before anything ran
+
+
+def test_the_gradual_recipe_runs_its_stages_in_order(tmp_path):
+    """conf/recipes/gradual_11_layers.yaml wired end to end on a 20-layer tiny model: 15, 3 and 1
+    layers pruned in turn, each step distilled from the teacher (on 48 transfer texts, not 30,000)."""
+    common = "common=[model=tiny,debug=smoke,bench=quick,runtime.threads=1]"
+    chain = load_chain(["recipe=gradual_11_layers", f"out={tmp_path / 'chain'}", common])
+    assert list(chain.stages) == [
+        "teacher",
+        "layers15",
+        "layers15_more",
+        "layers12",
+        "layers12_more",
+        "layers11",
+    ]
+    assert chain.quantize.method == "int8_dynamic"  # the shipped quantize settings stay
+    chain.stages.teacher = ["model.num_layers=20"]
+    for stage in list(chain.stages)[1:]:
+        chain.stages[stage] = [*chain.stages[stage], "distill.transfer.limit=48"]
+    chain.quantize = {**chain.quantize, "compile": False, "smoothquant_alpha": None}
+    report = compress(chain)
+    layers = {
+        s: OmegaConf.load(tmp_path / "chain" / s / "model" / "config.json").num_hidden_layers
+        for s in chain.stages
+    }
+    assert layers == {
+        "teacher": 20,
+        "layers15": 5,
+        "layers15_more": 5,
+        "layers12": 2,
+        "layers12_more": 2,
+        "layers11": 1,
+    }
+    assert [(r["stage"], r["compressed"]) for r in report["stages"]] == [
+        ("teacher", False),
+        ("layers15", True),
+        ("layers15_more", False),
+        ("layers12", True),
+        ("layers12_more", False),
+        ("layers11", True),
+        ("quantized (int8_dynamic)", True),
+    ]
+
+
+def test_an_unknown_recipe_lists_the_shipped_ones():
+    with pytest.raises(
+        FileNotFoundError, match=r"recipe='gradual'.*shipped recipes: \['gradual_11_layers'\]"
+    ):
+        load_chain(["recipe=gradual"])
