@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -39,6 +40,17 @@ def test_run_writes_every_output(tiny_run):
     tail = stdout.strip().splitlines()[-10:]
     assert any(f"tensorboard --logdir {out}" in line for line in tail)
     assert any(str(out / "model") in line for line in tail)
+
+
+def test_a_log_file_shows_progress(tiny_run):
+    """Output to a pipe, as nohup or CI gets it: plain progress lines instead of the rich bar."""
+    _, stdout = tiny_run
+    # debug=smoke stops at 4 steps, half of the epoch's 8 batches
+    assert re.search(
+        r"^\[train epoch 1/1\] batch 4/8 \(50%\) · .* elapsed · .*train/loss_step=", stdout, re.M
+    ), stdout[-2000:]
+    assert re.search(r"^\[validate\] batch \d+/\d+ \(100%\)", stdout, re.M)
+    assert re.search(r"^\[test\] batch (\d+)/\1 \(100%\)", stdout, re.M)
 
 
 def test_tensorboard_has_scalars_hparams_and_confusion_matrix(tiny_run):
