@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 
 import matplotlib
@@ -19,7 +21,8 @@ def log_confusion_matrix(trainer, module, out: Path) -> None:
 
     fig, ax = module.confusion.plot(labels=module.label_names)
     ax.set_title("Test confusion matrix (rows: true, columns: predicted)")
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # torchmetrics' figure may come laid out already
+        fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / "confusion_matrix.png", dpi=120)
     for lg in trainer.loggers:
@@ -88,7 +91,15 @@ def _logged_tags(logger: TensorBoardLogger) -> set[str]:
 
     logger.experiment.flush()
     acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 1})
-    acc.Reload()
+    # its directory watcher logs every event file it passes at INFO, dozens of lines under
+    # Hydra's root INFO level at the end of every run
+    tb_log = logging.getLogger("tensorboard")
+    level = tb_log.level
+    tb_log.setLevel(logging.WARNING)
+    try:
+        acc.Reload()
+    finally:
+        tb_log.setLevel(level)
     return set(acc.Tags().get("scalars", []))
 
 
