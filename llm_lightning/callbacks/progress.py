@@ -103,14 +103,20 @@ class LogProgress(ProgressBar):
     @override
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start("train")
+        # an epoch that `trainer.max_steps` cuts short ends early: count to there, not to the
+        # epoch's last batch, so that the time left is the run's
+        self._train_total = self.total_train_batches
+        if trainer.max_steps and trainer.max_steps > 0:
+            left = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
+            self._train_total = min(self._train_total, max(left, 0))
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._line("train", self._epoch(), batch_idx + 1, self.total_train_batches, pl_module)
+        self._line("train", self._epoch(), batch_idx + 1, self._train_total, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._line("train", self._epoch(), None, self.total_train_batches, pl_module, final=True)
+        self._line("train", self._epoch(), None, self._train_total, pl_module, final=True)
 
     @override
     def on_validation_start(self, trainer, pl_module) -> None:
