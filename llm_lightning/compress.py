@@ -1,27 +1,26 @@
 """One command from fine-tuning to a small, fast model, with a report comparing every stage.
 
-    python -m llm_lightning.compress                                  # conf/compress.yaml
+    python -m llm_lightning.compress                                  # conf/compress.yaml: gradual_11_layers
+    python -m llm_lightning.compress recipe=quick_15_layers          # conf/recipes/quick_15_layers.yaml
     python -m llm_lightning.compress out=/tmp/chain 'common=[model=tiny,debug=smoke]'
-    python -m llm_lightning.compress recipe=gradual_11_layers        # conf/recipes/gradual_11_layers.yaml
 
-Stages, each in its own folder under `out` and each exporting its model:
+The stages come from a recipe (conf/recipes/): each in its own folder under `out`, each exporting
+its model, run in the order written; `teacher` first. The default, `gradual_11_layers`:
 
-    teacher/    fine-tune                                   -> teacher/model
-    pruned/     depth- or width-prune the teacher, recover  -> pruned/model
-    distilled/  distil the teacher into the pruned model    -> distilled/model
-    quantized/  quantize the distilled model (torchao)      -> quantized/
+    teacher/        fine-tune                                          -> teacher/model
+    layers15/       depth-prune 30 -> 15 layers, distil from teacher   -> layers15/model
+    layers15_more/  distil again on more texts                         -> ...
+    layers12/, layers12_more/, layers11/   prune a little, distil, ...
+    quantized/      quantize the last stage's model (torchao)          -> quantized/
     report.json, report.md, pareto.png, tensorboard/report   every stage measured the same way
 
+`quick_15_layers` is `teacher -> pruned -> distilled`: one pruning, one distillation.
 The training stages are `llm_lightning.train.train` runs composed from conf/train.yaml with
-`common` and then the stage's own overrides (a later override of the same key wins). A stage
-whose exported model exists is skipped, so rerunning the command resumes at the first missing one.
-
-Those three are the shipped recipe. `stages` may list more, in the order they run, under any
-name after `teacher` (lower case, digits, `_`): pruning a little at a time with distillation in
-between, as the 11-layer student in docs/BENCHMARKS.md was made, is
-`teacher -> pruned -> distilled -> pruned_again -> distilled_again`, each stage naming an earlier
-one's model as `{name}`. The last training stage is the one quantized; a stage whose config
-prunes (`prune.method` other than `none`) counts as a compression in the report's speed check.
+`common` and then the stage's own overrides (a later override of the same key wins); a stage
+names an earlier one's model as `{name}`. A stage whose exported model exists is skipped, so
+rerunning the command resumes at the first missing one. Stage names after `teacher`: lower case,
+digits, `_`. The last training stage is the one quantized; a stage whose config prunes
+(`prune.method` other than `none`) counts as a compression in the report's speed check.
 """
 
 from __future__ import annotations
@@ -46,14 +45,14 @@ QUANTIZED = "quantized"  # the last stage's folder, not a training stage
 def training_stages(chain: DictConfig) -> list[str]:
     """The chain's training stages in the order they run, checked: `teacher` first, then folder-safe
     names, none of them `quantized`."""
-    names = list(chain.stages)
+    names = list(chain.get("stages") or [])
     bad = [n for n in names if n == QUANTIZED or not re.fullmatch(r"[a-z][a-z0-9_]*", n)]
     if not names or names[0] != FIRST_STAGE or bad:
         raise ValueError(
             f"compress stages {names}: the first must be {FIRST_STAGE!r} (the fine-tuned model the others "
             f"start from), and each name lower case letters, digits or '_', not {QUANTIZED!r}"
             + (f" (refused: {bad})" if bad else "")
-            + " (key `stages` in conf/compress.yaml)."
+            + " (key `stages` of the recipe, conf/recipes/; `recipe` picks one)."
         )
     return names
 
@@ -147,11 +146,12 @@ def quantize_and_report(cfg: DictConfig, out: Path, stages: list[str], pruning: 
 
 
 def load_chain(args: list[str]) -> DictConfig:
-    """conf/compress.yaml, then `recipe=<name or file>` (its `stages` replace the shipped ones), then
-    the other `key=value` arguments."""
+    """conf/compress.yaml, then its recipe (`recipe=<name or file>` among `args`, else the file's
+    `recipe` key) whose `stages` are the chain's, then the other `key=value` arguments."""
     chain = OmegaConf.load(CONF / "compress.yaml")
     recipes = [a.split("=", 1)[1] for a in args if a.startswith("recipe=")]
-    for recipe in recipes[-1:]:
+    recipe = recipes[-1] if recipes else chain.get("recipe")
+    if recipe not in (None, "null", ""):
         path = Path(recipe) if recipe.endswith(".yaml") else CONF / "recipes" / f"{recipe}.yaml"
         if not path.exists():
             shipped = sorted(f.stem for f in (CONF / "recipes").glob("*.yaml"))
@@ -162,6 +162,7 @@ def load_chain(args: list[str]) -> DictConfig:
         if "stages" in own:
             chain.stages = own.stages  # replaced, not merged: a recipe names all of its stages
         chain = OmegaConf.merge(chain, {k: v for k, v in own.items() if k != "stages"})
+        chain.recipe = recipe
     return OmegaConf.merge(chain, OmegaConf.from_dotlist([a for a in args if not a.startswith("recipe=")]))
 
 

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import llm_lightning.train
-from llm_lightning.compress import CONF, compress, load_chain, merged_overrides
+from llm_lightning.compress import compress, load_chain, merged_overrides
 
 
 def test_later_overrides_of_the_same_key_win():
@@ -21,7 +21,7 @@ def test_later_overrides_of_the_same_key_win():
 
 @pytest.fixture
 def chain(tmp_path):
-    chain = OmegaConf.load(CONF / "compress.yaml")
+    chain = load_chain(["recipe=quick_15_layers"])
     return OmegaConf.merge(
         chain,
         {
@@ -123,11 +123,13 @@ def test_a_chain_that_does_not_start_from_the_teacher_or_names_a_stage_badly_is_
     assert not Path(chain.out).exists()  # refused before anything ran
 
 
-def test_the_gradual_recipe_runs_its_stages_in_order(tmp_path):
-    """conf/recipes/gradual_11_layers.yaml wired end to end on a 20-layer tiny model: 15, 3 and 1
-    layers pruned in turn, each step distilled from the teacher (on 48 transfer texts, not 30,000)."""
+def test_the_default_gradual_recipe_runs_its_stages_in_order(tmp_path):
+    """The default recipe, conf/recipes/gradual_11_layers.yaml, wired end to end on a 20-layer tiny
+    model: 15, 3 and 1 layers pruned in turn, each step distilled from the teacher (on 48 transfer
+    texts, not 30,000)."""
     common = "common=[model=tiny,debug=smoke,bench=quick,runtime.threads=1]"
-    chain = load_chain(["recipe=gradual_11_layers", f"out={tmp_path / 'chain'}", common])
+    chain = load_chain([f"out={tmp_path / 'chain'}", common])
+    assert chain.recipe == "gradual_11_layers"
     assert list(chain.stages) == [
         "teacher",
         "layers15",
@@ -167,6 +169,14 @@ def test_the_gradual_recipe_runs_its_stages_in_order(tmp_path):
 
 def test_an_unknown_recipe_lists_the_shipped_ones():
     with pytest.raises(
-        FileNotFoundError, match=r"recipe='gradual'.*shipped recipes: \['gradual_11_layers'\]"
+        FileNotFoundError,
+        match=r"recipe='gradual'.*shipped recipes: \['gradual_11_layers', 'quick_15_layers'\]",
     ):
         load_chain(["recipe=gradual"])
+
+
+def test_no_recipe_and_no_stages_is_refused_before_anything_runs(tmp_path):
+    chain = load_chain(["recipe=null", f"out={tmp_path / 'chain'}"])
+    with pytest.raises(ValueError, match=r"compress stages \[\]: .*key `stages` of the recipe"):
+        compress(chain)
+    assert not (tmp_path / "chain").exists()
