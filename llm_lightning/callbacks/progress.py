@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass, field
 
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.callbacks.progress import ProgressBar
@@ -43,6 +44,16 @@ def _value(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+@dataclass
+class _Clock:
+    """One loop's progress: when it started, and when and at which batch it last printed."""
+
+    started: float = field(default_factory=time.monotonic)
+    printed_at: float = field(default_factory=time.monotonic)
+    done: int = 0
+    printed_done: int = -1
+
+
 class LogProgress(ProgressBar):
     """One line per `every_s` seconds of a loop's batches, and one when the loop ends. Training,
     validation and testing keep clocks of their own: a validation pass inside an epoch does not
@@ -54,8 +65,7 @@ class LogProgress(ProgressBar):
             raise ValueError(f"callbacks.progress_bar.every_s={every_s} must be > 0 (seconds between lines)")
         self.every_s = float(every_s)
         self._enabled = True
-        # loop -> [started, last printed, batches done, batches done when last printed]
-        self._clocks: dict[str, list[float]] = {}
+        self._clocks: dict[str, _Clock] = {}  # "train", "validate", "test"
 
     @override
     def disable(self) -> None:
@@ -66,21 +76,20 @@ class LogProgress(ProgressBar):
         self._enabled = True
 
     def _start(self, loop: str) -> None:
-        now = time.monotonic()
-        self._clocks[loop] = [now, now, 0, -1]
+        self._clocks[loop] = _Clock()
 
     def _line(
         self, loop: str, label: str, done: int | None, total: int | float, pl_module, final=False
     ) -> None:
-        clock = self._clocks.setdefault(loop, [time.monotonic()] * 2 + [0, -1])
+        clock = self._clocks[loop]
         if done is not None:
-            clock[2] = done
-        done, now = int(clock[2]), time.monotonic()
-        due = done != clock[3] if final else now - clock[1] >= self.every_s
+            clock.done = done
+        done, now = clock.done, time.monotonic()
+        due = done != clock.printed_done if final else now - clock.printed_at >= self.every_s
         if not self._enabled or not due:
             return
-        clock[1], clock[3] = now, done
-        elapsed = now - clock[0]
+        clock.printed_at, clock.printed_done = now, done
+        elapsed = now - clock.started
         parts = [f"[{label}] batch {done}"]
         if total != float("inf"):
             total = int(total)
@@ -129,7 +138,7 @@ class LogProgress(ProgressBar):
     ) -> None:
         if not trainer.sanity_checking:
             self._line(
-                "validate", "validate", self._clocks["validate"][2] + 1, self.total_val_batches, pl_module
+                "validate", "validate", self._clocks["validate"].done + 1, self.total_val_batches, pl_module
             )
 
     @override
@@ -150,7 +159,7 @@ class LogProgress(ProgressBar):
     @override
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         # counted here: batch_idx restarts with each test dataloader
-        self._line("test", "test", self._clocks["test"][2] + 1, self._total_test_batches, pl_module)
+        self._line("test", "test", self._clocks["test"].done + 1, self._total_test_batches, pl_module)
 
     @override
     def on_test_end(self, trainer, pl_module) -> None:
