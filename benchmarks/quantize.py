@@ -70,6 +70,10 @@ VARIANTS = (
     "int8_dynamic+compile+config+torchao_linear",  # centred tokens through torchao's own int8 linear
     "int8_dynamic+compile+config+int_mm",  # centred, torch._int_mm on the plain weight (not oneDNN-packed)
     "int8_dynamic+compile+config+cpp_wrapper",  # inductor's C++ wrapper instead of its Python one
+    "int8_dynamic+compile+config+decoder_graph",  # the decoder compiled as one graph, not per layer
+    "int8_dynamic+compile+config+decoder_graph+cpp_wrapper",
+    "int8_dynamic+compile+config+decoder_graph+padding_free",
+    "int8_dynamic+compile+config+decoder_graph+cpp_wrapper+padding_free",
     "fp32+padding_free",  # batches packed into unpadded rows (llm_lightning.padding_free)
     "fp32+eager_attention",  # an exported model/ loads with SDPA; this one runs eager attention
     "fp32+eager_attention+padding_free",
@@ -176,7 +180,8 @@ def build(variant: str, model_dir: Path, work: Path, qcfg, data, max_length: int
         if getattr(module, CENTERED, False) and variant.endswith("+int_mm"):
             module.packed_int8_weight = None  # llm_lightning.centering falls back to torchao's _int_mm
     options = {"cpp_wrapper": True} if variant.endswith("+cpp_wrapper") else None
-    return maybe_compile(quantized, "+compile" in variant, options), folder, tokenizer, n_linear
+    scope = "decoder" if "+decoder_graph" in variant else "layers"
+    return maybe_compile(quantized, "+compile" in variant, options, scope), folder, tokenizer, n_linear
 
 
 def _centred_through_torchao(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

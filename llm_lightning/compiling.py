@@ -9,19 +9,32 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+SCOPES = ("layers", "decoder")
 
-def maybe_compile(model: nn.Module, compile: bool, options: dict | None = None) -> nn.Module:
+
+def maybe_compile(
+    model: nn.Module, compile: bool, options: dict | None = None, scope: str = "layers"
+) -> nn.Module:
     """torch.compile each decoder layer in place ("regional" compilation), with dynamic shapes.
 
     The decoder layers are identical, so they share one compiled graph: compiling costs one
     layer's time, not thirty's. Dynamic shapes let one graph serve every text length (batch 1
     gets its own). Models without `model.layers` are compiled whole. `options` go to inductor
-    (torch.compile's `options`).
+    (torch.compile's `options`). `scope="decoder"` compiles the decoder (`model.model`) as one
+    graph instead: no per-layer guards and calls, but every layer is traced and compiled (the
+    30-layer SmolLM2 int8 model: 1.06-1.12x faster, for 162 s of cold compiling instead of 25 s
+    per batch-shape family; docs/BENCHMARKS.md, "Where the int8 model's time goes").
     """
     if not compile:
         return model
+    if scope not in SCOPES:
+        raise ValueError(f"compile scope {scope!r} is not one of {SCOPES}.")
     _constant_cpu_probes()
-    layers = getattr(getattr(model, "model", None), "layers", None)
+    decoder = getattr(model, "model", None)
+    if scope == "decoder" and isinstance(decoder, nn.Module):
+        decoder.compile(dynamic=True, options=options)
+        return model
+    layers = getattr(decoder, "layers", None)
     if isinstance(layers, nn.ModuleList) and len(layers) > 0:
         for layer in layers:
             layer.compile(dynamic=True, options=options)

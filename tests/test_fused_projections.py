@@ -78,15 +78,25 @@ def test_fused_int8_model_round_trips_through_save_and_load(tiny, tmp_path):
     torch.testing.assert_close(logits(loaded, tokenizer), logits(fused, tokenizer), atol=1e-6, rtol=0)
 
 
-def test_fused_int8_model_compiles_and_packs(tiny):
+@pytest.mark.parametrize("scope", ["layers", "decoder"])
+def test_fused_int8_model_compiles_and_packs(tiny, scope):
     model, tokenizer = tiny
     fused = int8(model, tokenizer, True)
     reference = logits(model, tokenizer)
     error = (logits(fused, tokenizer) - reference).abs().max()
-    fast = padding_free(maybe_compile(copy.deepcopy(fused), True), tokenizer.pad_token_id)
+    compiled = maybe_compile(copy.deepcopy(fused), True, scope=scope)
+    decoder = compiled.model
+    assert (decoder._compiled_call_impl is not None) == (scope == "decoder")
+    assert (decoder.layers[0]._compiled_call_impl is not None) == (scope == "layers")
+    fast = padding_free(compiled, tokenizer.pad_token_id)
     assert isinstance(fast, PaddingFree)
     # compiled kernels round differently, and packed rows meet other attention kernels
     assert (logits(fast, tokenizer) - reference).abs().max() <= 1.5 * error + 1e-4
+
+
+def test_an_unknown_compile_scope_is_refused(tiny):
+    with pytest.raises(ValueError, match="'model' is not one of .'layers', 'decoder'."):
+        maybe_compile(copy.deepcopy(tiny[0]), True, scope="model")
 
 
 def test_a_group_with_a_skipped_layer_stays_unfused(tiny):
