@@ -26,7 +26,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from quantize import VARIANTS, build, matmul_rate  # noqa: E402  (benchmarks/quantize.py)
 
-from llm_lightning.bench import cpu_name, pad  # noqa: E402
+from llm_lightning.bench import cpu_name, padded_batches, timed_pass  # noqa: E402
 from llm_lightning.data import load_task  # noqa: E402
 
 DEFAULT = (
@@ -72,21 +71,14 @@ def split(prof, wall_s: float) -> dict[str, float]:
 def measure(model, rows: list[list[int]], pad_id: int, passes: int) -> dict:
     """Time the first pass (compiling), the median of `passes`, probe `_int_mm` right after (not
     minutes apart), then profile one pass and split it."""
-    batches = [pad(rows[i : i + 16], pad_id) for i in range(0, len(rows), 16)]
-
-    def run() -> float:
-        started = time.perf_counter()
-        for ids, mask in batches:
-            model(input_ids=ids, attention_mask=mask)
-        return time.perf_counter() - started
-
+    batches = padded_batches(rows, 16, pad_id)
     tokens = sum(len(r) for r in rows)
     with torch.inference_mode():
-        first = run()
-        wall = statistics.median(run() for _ in range(passes))
+        first = timed_pass(model, batches)
+        wall = statistics.median(timed_pass(model, batches) for _ in range(passes))
         rate = matmul_rate(torch.int8, repeats=3)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            profiled = run()
+            profiled = timed_pass(model, batches)
     return {
         "first_s": first,
         "tok_s": tokens / wall,
@@ -118,7 +110,7 @@ def main() -> None:
     if wrong:
         parser.error(f"--variants {wrong}: choose compiled int8 variants from {VARIANTS}")
     torch.set_num_threads(args.threads)
-    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.recompile_limit = 64  # each variant's layers need their own graphs (quantize.py)
     torch._inductor.config.cpp.enable_kernel_profile = True  # each generated kernel shows in the profile
     task = OmegaConf.load(ROOT / "conf" / "task" / "sentiment.yaml")
     data = load_task(task, args.seed)

@@ -101,7 +101,7 @@ def token_counts(rows: list[list[int]], batch_size: int) -> tuple[int, int]:
     return sum(map(len, rows)), sum(len(b) * max(map(len, b)) for b in batches)
 
 
-def _batches(rows: list[list[int]], size: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def padded_batches(rows: list[list[int]], size: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [pad(rows[i : i + size], pad_id) for i in range(0, len(rows), size)]
 
 
@@ -109,7 +109,7 @@ def _logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return model(input_ids=ids, attention_mask=mask).logits.float()
 
 
-def _timed_pass(model: nn.Module, batches) -> float:
+def timed_pass(model: nn.Module, batches) -> float:
     started = time.perf_counter()
     for ids, mask in batches:
         _logits(model, ids, mask)
@@ -179,12 +179,12 @@ def measure(
 
 
 def _latency(model: nn.Module, rows: list[list[int]], settings: BenchSettings, pad_id: int) -> dict:
-    singles = _batches(rows, 1, pad_id)
+    singles = padded_batches(rows, 1, pad_id)
     for _ in range(settings.warmup):
-        _timed_pass(model, singles)
+        timed_pass(model, singles)
     per_text = []
     for batch in singles:
-        per_text.append(statistics.median(_timed_pass(model, [batch]) for _ in range(settings.repeats)))
+        per_text.append(statistics.median(timed_pass(model, [batch]) for _ in range(settings.repeats)))
     ms = sorted(t * 1000 for t in per_text)
     return {"latency_p50_ms": _percentile(ms, 50), "latency_p95_ms": _percentile(ms, 95)}
 
@@ -192,11 +192,11 @@ def _latency(model: nn.Module, rows: list[list[int]], settings: BenchSettings, p
 def _throughput(
     model: nn.Module, rows: list[list[int]], size: int, settings: BenchSettings, pad_id: int
 ) -> dict:
-    batches = _batches(rows, size, pad_id)
+    batches = padded_batches(rows, size, pad_id)
     tokens = sum(int(mask.sum()) for _, mask in batches)
     for _ in range(settings.warmup):
-        _timed_pass(model, batches)
-    seconds = statistics.median(_timed_pass(model, batches) for _ in range(settings.repeats))
+        timed_pass(model, batches)
+    seconds = statistics.median(timed_pass(model, batches) for _ in range(settings.repeats))
     return {f"tokens_per_s_b{size}": tokens / seconds, f"texts_per_s_b{size}": len(rows) / seconds}
 
 
@@ -225,7 +225,7 @@ def interleaved_throughput(
     rows = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     if by_length:
         rows = sorted(rows, key=len)
-    batches = _batches(rows, batch_size, tokenizer.pad_token_id)
+    batches = padded_batches(rows, batch_size, tokenizer.pad_token_id)
     tokens = sum(int(mask.sum()) for _, mask in batches)
     seconds: dict[str, list[float]] = {name: [] for name in models}
     probed: dict[str, list[float]] = {name: [] for name in probes or {}}
@@ -234,7 +234,7 @@ def interleaved_throughput(
             spent = dict.fromkeys(models, 0.0)
             for batch in batches:
                 for name, model in models.items():
-                    spent[name] += _timed_pass(model, [batch])
+                    spent[name] += timed_pass(model, [batch])
                 for name, probe in (probes or {}).items():
                     probed[name].append(probe())
             for name, total in spent.items():
