@@ -10,7 +10,10 @@ checkpoint, a `quantized/` folder). A quantized folder saved with `compile: true
 its report measured it; everything else runs eagerly. This is how the whole chain's speed-up is
 measured: the fp32 teacher and the chain's last model in one process, in turns batch by batch
 (llm_lightning.bench.interleaved_throughput), on the test texts in split order and sorted by
-length; ratios are to the first model. `--padding-free` adds each model again with its batches
+length; ratios are to the first model, taken round by round (each round's models ran together),
+printed as the median with the slowest and fastest round's ratio. Accuracy is compared with the first
+model text by text (llm_lightning.measure.paired): the difference in points with its 95% paired
+bootstrap interval, the exact McNemar p-value and the share of identical predictions. `--padding-free` adds each model again with its batches
 packed into unpadded rows (llm_lightning.padding_free), as `NAME+padding_free`.
 `NAME=PATH@eager` (or `@sdpa`) runs that model with that attention kernel instead of the one it
 loads with (an exported `model/` folder loads with SDPA; a quantized folder with the one it was saved
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,13 +35,16 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llm_lightning.bench import cpu_name, evaluate, interleaved_throughput, token_counts  # noqa: E402
+from llm_lightning.bench import cpu_name, evaluate, rates_in_turns, token_counts  # noqa: E402
 from llm_lightning.compiling import maybe_compile  # noqa: E402
 from llm_lightning.data import load_task  # noqa: E402
+from llm_lightning.data.provenance import check_split  # noqa: E402
+from llm_lightning.measure.paired import compare  # noqa: E402
 from llm_lightning.models.saved import load_saved  # noqa: E402
 from llm_lightning.padding_free import padding_free  # noqa: E402
 from llm_lightning.quantize import ATTENTIONS, set_attention  # noqa: E402
 from llm_lightning.quantized_dir import META_FILE  # noqa: E402
+from llm_lightning.runtime import user_errors  # noqa: E402
 
 ORDERS = ("split order", "sorted by length")
 
@@ -50,6 +57,44 @@ def load(path: Path, attention: str | None = None):
     return maybe_compile(model.eval(), compiled), tokenizer, compiled
 
 
+def spread(values: list[float], fmt: str) -> str:
+    """Median with the range over rounds: "1.52x (1.48–1.57x)"."""
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
+def paired_cells(labels: list[int], first: list[int], preds: list[int]) -> str:
+    """Δacc in points [95% paired bootstrap CI] | McNemar p | agreement, against the first model."""
+    got = compare(labels, first, preds)
+    diff, low, high = (100 * got[k] for k in ("acc_diff", "acc_diff_low", "acc_diff_high"))
+    return f"{diff:+.2f} [{low:+.2f}, {high:+.2f}] | {got['mcnemar_p']:.3g} | {got['agreement']:.2%}"
+
+
+def print_table(models: dict, turns: dict, labels: list[int], rounds: int, texts: int) -> None:
+    first = next(iter(models))
+    print(
+        f"\nIn turns, batch by batch ({rounds} rounds, batch 16, {texts} test texts): tok/s and the ratio "
+        "to the first model, each round's ratio taken within the round; median (slowest–fastest round). "
+        f"Accuracy vs the first model text by text on all {len(labels)} test texts."
+    )
+    print(
+        "| model | compiled | params | test acc | Δacc pts vs first [95% CI] | McNemar p | agree | "
+        "split order tok/s | vs first | sorted by length tok/s | vs first |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    base_preds = models[first][3]["predictions"]
+    for name, (_, _, compiled, metrics, params) in models.items():
+        cells = []
+        for order in ORDERS:
+            rates = turns[order]
+            ratios = [mine / base for mine, base in zip(rates[name], rates[first], strict=True)]
+            cells += [spread(rates[name], "{:,.0f}"), spread(ratios, "{:.2f}x")]
+        paired = paired_cells(labels, base_preds, metrics["predictions"]) if name != first else "— | — | —"
+        print(
+            f"| {name} | {'yes' if compiled else 'no'} | {params / 1e6:.1f} M | {metrics['acc']:.4f} | "
+            f"{paired} | " + " | ".join(cells) + " |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -60,6 +105,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--padding-free", action="store_true", help="each model also padding-free")
     parser.add_argument("--seed", type=int, default=42, help="the training run's seed: the same test split")
+    parser.add_argument(
+        "--allow-split-mismatch",
+        action="store_true",
+        help="score models on splits other than their training.json's",
+    )
     args = parser.parse_args()
     paths = {}
     for spec in args.models:
@@ -76,7 +126,10 @@ def main() -> None:
     # kernel, its shapes) needs its own graphs: 8, torch's default, is too few for several models
     torch._dynamo.config.recompile_limit = 64
     task = OmegaConf.load(ROOT / "conf" / "task" / "sentiment.yaml")
-    test = load_task(task, args.seed).test
+    data = load_task(task, args.seed)
+    for path, _ in paths.values():  # every model scored on the texts it was trained against
+        check_split(path, task, args.seed, data, allow=args.allow_split_mismatch)
+    test = data.test
     print(
         f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}; {len(test)} test texts", flush=True
     )
@@ -112,8 +165,8 @@ def main() -> None:
             models[f"{name}+padding_free"] = (packed, tokenizer, compiled, metrics, params)
     texts = list(test.texts[: args.texts])
     tokenizer = next(iter(models.values()))[1]
-    turns = {
-        order: interleaved_throughput(
+    turns = {  # per model: its tok/s in each round
+        order: rates_in_turns(
             {name: m for name, (m, *_) in models.items()},
             tokenizer,
             texts,
@@ -121,29 +174,15 @@ def main() -> None:
             args.rounds,
             task.max_length,
             by_length=order == ORDERS[1],
-        )
+        )[0]
         for order in ORDERS
     }
-    first = next(iter(models))
     rows = tokenizer(texts, truncation=True, max_length=task.max_length)["input_ids"]
     for order, ordered in zip(ORDERS, (rows, sorted(rows, key=len)), strict=True):
         real, padded = token_counts(ordered, 16)
         print(f"{order}: {real:,} real tokens, {padded:,} once padded per batch ({real / padded:.0%} real)")
-    base_acc = models[first][3]["acc"]
-    print(
-        f"\nIn turns, batch by batch ({args.rounds} rounds, batch 16, {len(texts)} test texts; tok/s median):"
-    )
-    print(
-        "| model | compiled | params | test acc | vs first | split order | vs first | sorted by length | vs first |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, (_, _, compiled, metrics, params) in models.items():
-        cells = [f"{turns[o][name]:,.0f} | {turns[o][name] / turns[o][first]:.2f}x" for o in ORDERS]
-        print(
-            f"| {name} | {'yes' if compiled else 'no'} | {params / 1e6:.1f} M | {metrics['acc']:.4f} | "
-            f"{100 * (metrics['acc'] - base_acc):+.2f} | " + " | ".join(cells) + " |"
-        )
+    print_table(models, turns, list(test.labels), args.rounds, len(texts))
 
 
 if __name__ == "__main__":
-    main()
+    user_errors(main)()  # a split mismatch or a bad path: one line and exit 2

@@ -7,6 +7,13 @@ fp32 against bf16-mixed, and top-4-layer freezing against full fine-tuning.
 Every variant runs the same batches (length-grouped, batch 16) with the same model, AdamW
 (fused), gradient clipping at 1.0. Variants are interleaved over rounds so that machine noise
 hits them alike; the table shows medians of per-step times, steady state (warm-up steps dropped).
+
+What a step costs, not what Lightning costs: each Lightning step is timed from
+`on_train_batch_start` to `on_train_batch_end` on a Trainer without logger, progress bar or
+checkpointing, so the loop's work between batches (fetching, scheduler, logging, progress,
+checkpoint hooks) falls outside the timer. Lightning's overhead as `make train` pays it, the wall
+time of N steps with the default callbacks, logger and progress against a plain loop doing the
+same work, is measured by benchmarks/lightning_overhead.py.
 """
 
 from __future__ import annotations
@@ -129,7 +136,8 @@ def main() -> None:
     parser.add_argument(
         "--overhead-only",
         action="store_true",
-        help="only the plain loop against Lightning (bf16-mixed, full), more rounds",
+        help="only the plain loop against Lightning's step (bf16-mixed, full); Lightning's overhead "
+        "between steps, as make train pays it: benchmarks/lightning_overhead.py",
     )
     args = parser.parse_args()
     if args.threads:

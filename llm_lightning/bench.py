@@ -4,6 +4,8 @@
 
 - `acc`, `f1_macro`: on all the given texts (the task's test split), batches sorted by length;
   this pass is also the warm-up that compiles every shape when the model is `torch.compile`d.
+- `predictions`: the predicted label of every text, in text order (a list of ints), so two models
+  measured on the same texts can be compared text by text (llm_lightning.measure.paired).
 - `latency_p50_ms`, `latency_p95_ms`: batch 1, each of the first `latency_texts` texts timed
   alone; per text the median of `repeats` runs, then the 50th/95th percentile over texts.
 - `tokens_per_s_b{n}`, `texts_per_s_b{n}` for n in `batch_sizes`: the first `throughput_texts`
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
+from llm_lightning.errors import UserError
 from llm_lightning.padding_free import PaddingFree, padding_free
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".gguf")
@@ -55,7 +58,7 @@ class BenchSettings:
         if not self.batch_sizes or min(int(b) for b in self.batch_sizes) < 1:
             problems.append(f"bench.batch_sizes={list(self.batch_sizes)} must be positive integers")
         if problems:
-            raise ValueError("; ".join(problems) + " (config group `bench=`).")
+            raise UserError("; ".join(problems) + " (config group `bench=`).")
 
 
 def reset_peak_rss() -> None:
@@ -124,6 +127,7 @@ def evaluate(
     batch_size: int,
     pad_id: int,
 ) -> dict:
+    """`acc`, `f1_macro` and `predictions` (each row's predicted label, in row order) of `model`."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # less padding, same metrics
     preds = torch.empty(len(rows), dtype=torch.long)
     for start in range(0, len(order), batch_size):
@@ -133,6 +137,7 @@ def evaluate(
     return {
         "acc": float(multiclass_accuracy(preds, target, num_labels, average="micro")),
         "f1_macro": float(multiclass_f1_score(preds, target, num_labels, average="macro")),
+        "predictions": preds.tolist(),  # in text order, for paired comparisons
     }
 
 
@@ -154,7 +159,7 @@ def measure(
     """
     settings = settings or BenchSettings()
     if len(texts) == 0:
-        raise ValueError("bench.measure needs at least one test text; the test split is empty.")
+        raise UserError("bench.measure needs at least one test text; the test split is empty.")
     num_labels = num_labels or int(model.config.num_labels)
     pad_id = tokenizer.pad_token_id
     rows = tokenizer(list(texts), truncation=True, max_length=settings.max_length)["input_ids"]
@@ -200,7 +205,7 @@ def _throughput(
     return {f"tokens_per_s_b{size}": tokens / seconds, f"texts_per_s_b{size}": len(rows) / seconds}
 
 
-def interleaved_throughput(
+def rates_in_turns(
     models: dict[str, nn.Module],
     tokenizer,
     texts: Sequence[str],
@@ -209,25 +214,23 @@ def interleaved_throughput(
     max_length: int = 128,
     by_length: bool = False,
     probes: dict[str, Callable[[], float]] | None = None,
-) -> dict[str, float]:
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Real tokens/s of several (already warmed-up) models, timed in turns, batch by batch: each
-    batch runs through every model before the next batch starts, a round is one pass over all
-    batches, and each model's median over the rounds is reported. `probes` (name -> a function
-    returning a rate, e.g. the CPU's int8 matmul rate) run after every batch's models, so a
-    ceiling they measure drifts with the models; their medians join the result.
+    batch runs through every model before the next batch starts, and a round is one pass over all
+    batches. `probes` (name -> a function returning a rate, e.g. the CPU's int8 matmul rate) run
+    after every batch's models, so a ceiling they measure drifts with the models.
 
-    On a shared or virtualised CPU the speed drifts by tens of percent within a minute (the
-    2048^3 int8 matmul read 993 and 2,120 GOP/s in two passes of one run): timing the models
-    one after another puts that drift into their ratio; taking turns every batch (a fraction of
-    a second each) spreads it evenly. `by_length` sorts the texts by length first (as a batch
-    job would; less padding).
+    Returns:
+        (per model: its rate in each round, in round order; per probe: every reading). The
+        models' rates in one round were taken together, so their ratio in that round is the
+        paired one (`interleaved_throughput` summarises them).
     """
     rows = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     if by_length:
         rows = sorted(rows, key=len)
     batches = padded_batches(rows, batch_size, tokenizer.pad_token_id)
     tokens = sum(int(mask.sum()) for _, mask in batches)
-    seconds: dict[str, list[float]] = {name: [] for name in models}
+    rates: dict[str, list[float]] = {name: [] for name in models}
     probed: dict[str, list[float]] = {name: [] for name in probes or {}}
     with torch.inference_mode():
         for _ in range(rounds):
@@ -238,9 +241,48 @@ def interleaved_throughput(
                 for name, probe in (probes or {}).items():
                     probed[name].append(probe())
             for name, total in spent.items():
-                seconds[name].append(total)
-    rates = {name: tokens / statistics.median(s) for name, s in seconds.items()}
-    return rates | {name: statistics.median(values) for name, values in probed.items()}
+                rates[name].append(tokens / total)
+    return rates, probed
+
+
+def interleaved_throughput(
+    models: dict[str, nn.Module],
+    tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 16,
+    rounds: int = 5,
+    max_length: int = 128,
+    by_length: bool = False,
+    probes: dict[str, Callable[[], float]] | None = None,
+) -> dict[str, float]:
+    """Real tokens/s of several (already warmed-up) models timed in turns (`rates_in_turns`): each
+    model's median over the rounds under its name, and its slowest and fastest round under
+    `<name>_min` and `<name>_max`, so a reader sees how far the rounds spread; each probe's median
+    under its name.
+
+    On a shared or virtualised CPU the speed drifts by tens of percent within a minute (the
+    2048^3 int8 matmul read 993 and 2,120 GOP/s in two passes of one run): timing the models
+    one after another puts that drift into their ratio; taking turns every batch (a fraction of
+    a second each) spreads it evenly. `by_length` sorts the texts by length first (as a batch
+    job would; less padding).
+    """
+    names = [*models, *(probes or {})]
+    taken = set(names) & {f"{n}_{end}" for n in models for end in ("min", "max")}
+    if len(set(names)) < len(names) or taken:
+        raise ValueError(
+            f"interleaved_throughput: names {names} collide (with each other or a `_min`/`_max` key)."
+        )
+    rates, probed = rates_in_turns(
+        models, tokenizer, texts, batch_size, rounds, max_length, by_length, probes
+    )
+    summary: dict[str, float] = {}
+    for name, per_round in rates.items():
+        summary |= {
+            name: statistics.median(per_round),
+            f"{name}_min": min(per_round),
+            f"{name}_max": max(per_round),
+        }
+    return summary | {name: statistics.median(values) for name, values in probed.items()}
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:

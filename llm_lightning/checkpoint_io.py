@@ -20,8 +20,10 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
+from llm_lightning.errors import UserError
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+
+class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
     """A checkpoint holds pickled objects beyond tensors and plain containers."""
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llm_lightning.errors import UserError
+
 SCOPES = ("layers", "decoder")
 
 
@@ -28,7 +30,7 @@ def maybe_compile(
     if not compile:
         return model
     if scope not in SCOPES:
-        raise ValueError(f"compile scope {scope!r} is not one of {SCOPES}.")
+        raise UserError(f"compile scope {scope!r} is not one of {SCOPES}.")
     _constant_cpu_probes()
     decoder = getattr(model, "model", None)
     if scope == "decoder" and isinstance(decoder, nn.Module):

@@ -14,24 +14,27 @@ import lightning as L
 from omegaconf import DictConfig
 
 from llm_lightning.data import ClassificationDataModule, load_task
+from llm_lightning.data.provenance import check_split
+from llm_lightning.errors import UserError
 from llm_lightning.export import write_json
 from llm_lightning.models.saved import load_saved
 from llm_lightning.module import SequenceClassifier
 from llm_lightning.report import log_confusion_matrix
-from llm_lightning.train import apply_runtime
+from llm_lightning.runtime import apply_runtime, resolved_precision, run_entry, user_errors
 
 SPLITS = ("test", "val")
 
 
 def evaluate(cfg: DictConfig) -> dict:
     if cfg.split not in SPLITS:
-        raise ValueError(f"split={cfg.split!r} is not one of {SPLITS}.")
+        raise UserError(f"split={cfg.split!r} is not one of {SPLITS}.")
     apply_runtime(cfg.runtime)
     out = Path(cfg.output_dir)
     model, tokenizer, names = load_saved(cfg.model_path)
     data = load_task(cfg.task, cfg.seed)
+    check_split(cfg.model_path, cfg.task, cfg.seed, data, allow=bool(cfg.get("allow_split_mismatch")))
     if list(data.label_names) != list(names):
-        raise ValueError(
+        raise UserError(
             f"The model's labels {names} differ from the task's labels {data.label_names} "
             f"(task={cfg.task.name}); evaluate on the task the model was trained for, or set task.labels."
         )
@@ -45,7 +48,7 @@ def evaluate(cfg: DictConfig) -> dict:
     trainer = L.Trainer(
         accelerator="auto",
         devices=1,
-        precision=cfg.trainer.precision,
+        precision=resolved_precision(cfg.trainer.precision),
         logger=False,
         enable_checkpointing=False,
         default_root_dir=str(out),
@@ -66,9 +69,10 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@user_errors
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_entry(main)

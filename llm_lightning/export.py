@@ -43,11 +43,14 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def export_model(model: nn.Module, tokenizer, target: Path) -> Path:
+def export_model(
+    model: nn.Module, tokenizer, target: Path, extra_json: dict[str, dict] | None = None
+) -> Path:
     """`save_pretrained` (safetensors) + tokenizer, loadable with plain transformers.
 
     LoRA adapters are merged into the weights first; the labels travel in config.json
-    (`id2label`/`label2id`).
+    (`id2label`/`label2id`). `extra_json`: more files, name -> content (e.g. training.json),
+    written inside the same atomic swap.
     """
     from llm_lightning.models.lora import merged
 
@@ -57,5 +60,7 @@ def export_model(model: nn.Module, tokenizer, target: Path) -> Path:
         with torch.no_grad():
             plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for name, content in (extra_json or {}).items():
+            write_json(tmp / name, content)
 
     return atomic_dir(target, write)

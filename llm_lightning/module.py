@@ -14,9 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
-from transformers import get_scheduler
+from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from llm_lightning.data.transfer import UNLABELED
+from llm_lightning.errors import UserError
+from llm_lightning.models.saved import SAVED_MODEL_KEY, checkpoint_entry
 
 SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 
@@ -29,6 +31,8 @@ class SequenceClassifier(L.LightningModule):
         label_names: class names, index = class id.
         optimizer: `lr`, `weight_decay`, `betas`, `eps` for AdamW.
         scheduler: `name` (one of SCHEDULES) and `warmup_ratio` of the total optimizer steps.
+        tokenizer: the model's tokenizer; saved in every checkpoint beside the model's own config,
+            so `llm_lightning.models.saved` rebuilds the model from the checkpoint alone.
     """
 
     def __init__(
@@ -37,14 +41,16 @@ class SequenceClassifier(L.LightningModule):
         label_names: list[str],
         optimizer: DictConfig | dict,
         scheduler: DictConfig | dict,
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ):
         super().__init__()
         self.model = model.train()  # from_pretrained returns eval mode; dropout (if any) must be on
+        self.tokenizer = tokenizer
         self.label_names = list(label_names)
         self.optimizer_cfg = _plain(optimizer)
         self.scheduler_cfg = _plain(scheduler)
         if self.scheduler_cfg["name"] not in SCHEDULES:
-            raise ValueError(f"scheduler.name={self.scheduler_cfg['name']!r} is not one of {SCHEDULES}.")
+            raise UserError(f"scheduler.name={self.scheduler_cfg['name']!r} is not one of {SCHEDULES}.")
         # Plain containers only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -137,6 +143,12 @@ class SequenceClassifier(L.LightningModule):
         trainable, total = self.trainable_parameters(), sum(p.numel() for p in self.model.parameters())
         rank_zero_info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.1f}%)")
         self.log("train/trainable_params", float(trainable), rank_zero_only=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The model's own config (as trained: pruned, distilled), its tokenizer and the LoRA
+        # settings: a checkpoint is rebuilt from these, never from the run's config, which can
+        # name remote code or a hub id (llm_lightning/models/saved.py).
+        checkpoint[SAVED_MODEL_KEY] = checkpoint_entry(self.model, self.tokenizer)
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)

@@ -13,19 +13,40 @@ one opaque kernel and still fuses the quantization around it. Measured in docs/B
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
 def pack_int8_weight(qdata: torch.Tensor) -> torch.Tensor | None:
     """oneDNN's packed copy of an int8 [out, in] weight, or None where there is no oneDNN int8
-    linear to use (CUDA tensors, CPU builds without mkldnn, CPUs oneDNN cannot pack for):
-    callers keep `torch._int_mm` then."""
-    if qdata.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    linear to use (CUDA tensors, CPU builds without mkldnn, CPUs oneDNN cannot pack for, CPUs
+    where its result is wrong): callers keep `torch._int_mm` then."""
+    if qdata.device.type != "cpu" or not torch.backends.mkldnn.is_available() or not packed_matmul_is_exact():
         return None
     try:
         return torch.ops.onednn.qlinear_prepack(qdata.contiguous(), None)
     except (AttributeError, RuntimeError, NotImplementedError):  # op missing, or not for this ISA
         return None
+
+
+@functools.cache
+def packed_matmul_is_exact() -> bool:
+    """Whether oneDNN's packed int8 linear gives the exact integer product on this CPU.
+
+    On x86 CPUs without VNNI or AMX (AVX2 only, e.g. an AMD EPYC of the Zen 2/3 kind), oneDNN's
+    signed int8 GEMM goes through `vpmaddubsw`, whose int16 pair sums saturate: every layer came
+    out off by 0.4-0.8 against 0.015 for `torch._int_mm`. One small multiply at the full int8
+    range, checked once per process against the float product (exact here: the sums stay below
+    2^24), tells the two kinds of CPU apart without a list of ISAs."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (32, 64), dtype=torch.int8, generator=gen)
+    w = torch.randint(-127, 128, (48, 64), dtype=torch.int8, generator=gen)
+    try:
+        got = int8_linear_packed(q, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(48))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return torch.equal(got, q.float() @ w.float().T)
 
 
 @torch.library.custom_op("llm_lightning::int8_linear_packed", mutates_args=())

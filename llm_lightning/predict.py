@@ -14,7 +14,10 @@ from pathlib import Path
 
 import torch
 
+from llm_lightning.data.readers import decode
+from llm_lightning.errors import MissingFileError
 from llm_lightning.models.saved import load_saved
+from llm_lightning.runtime import user_errors
 
 WINDOW_BATCHES = 32  # batches sorted together: more sorts better, fewer shows results sooner
 
@@ -52,11 +55,19 @@ def predict(
             }
 
 
-def read_texts(path: str) -> list[str]:
-    stream: Iterable[str] = sys.stdin if path == "-" else Path(path).read_text(encoding="utf-8").splitlines()
+def read_texts(path: str, encoding: str = "utf-8") -> list[str]:
+    """The non-blank lines of `path` ('-': stdin), each a text."""
+    if path == "-":
+        stream: Iterable[str] = sys.stdin
+    else:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise MissingFileError(f"--file {path}: no such file (one text per line, or '-' for stdin).")
+        stream = decode(file.read_bytes(), file, encoding, key="--encoding").splitlines()
     return [line.rstrip("\n") for line in stream if line.strip()]
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m llm_lightning.predict",
@@ -66,10 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model", help="a run's model/ folder or a checkpoint (.ckpt)")
     parser.add_argument("texts", nargs="*", help="texts to label")
     parser.add_argument("--file", help="a file with one text per line ('-' for stdin)")
+    parser.add_argument("--encoding", default="utf-8", help="the --file's text encoding (default utf-8)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=512)
     args = parser.parse_args(argv)
-    texts = list(args.texts) + (read_texts(args.file) if args.file else [])
+    texts = list(args.texts) + (read_texts(args.file, args.encoding) if args.file else [])
     if not texts:
         parser.error("give texts as arguments or --file FILE")
     model, tokenizer, names = load_saved(args.model)

@@ -22,8 +22,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 from llm_lightning.centering import center_activations
+from llm_lightning.errors import MissingFileError, UnsupportedError, UserError
 from llm_lightning.fused_projections import fuse_projections as fuse
 from llm_lightning.quantized_dir import save_quantized
+from llm_lightning.runtime import apply_runtime, run_entry, user_errors
 from llm_lightning.smoothquant_search import AUTO, require_validation
 
 log = logging.getLogger(__name__)
@@ -33,13 +35,13 @@ ACTIVATIONS = ("symmetric", "asymmetric")  # int8_dynamic's per-token activation
 ATTENTIONS = ("eager", "sdpa")  # quantize.attention: transformers' attention kernels on CPU
 
 
-class QuantizationUnsupportedError(RuntimeError):
+class QuantizationUnsupportedError(UnsupportedError):
     """The chosen quantization has no kernel on this platform."""
 
 
 def check_method(method: str) -> None:
     if method not in METHODS:
-        raise ValueError(f"quantize.method={method!r} is not one of {METHODS} (config group `quantize=`).")
+        raise UserError(f"quantize.method={method!r} is not one of {METHODS} (config group `quantize=`).")
 
 
 def torchao_config(method: str, group_size: int = 128, activations: str = "symmetric"):
@@ -62,7 +64,7 @@ def torchao_config(method: str, group_size: int = 128, activations: str = "symme
     if method == "int4_weight_only":
         # tile_packed_to_4d is torchao's tinygemm layout, the one int4 path with a non-GPU-library kernel.
         return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
-    raise ValueError("quantize.method=none has no torchao config; there is nothing to quantize.")
+    raise UserError("quantize.method=none has no torchao config; there is nothing to quantize.")
 
 
 def check_platform(method: str, device: str = "cpu", group_size: int = 128) -> None:
@@ -109,7 +111,7 @@ def skipped_linears(model: nn.Module, skip: Sequence[str] = ()) -> set[str]:
     unmatched = [p for p in skip if not fnmatch.filter(names, p)]
     if unmatched:
         shown = names[:8] + (["..."] + names[-2:] if len(names) > 10 else names[8:])
-        raise ValueError(
+        raise UserError(
             f"quantize.skip: pattern(s) {unmatched} match no linear layer of this model "
             f"({len(names)} linear layers: {', '.join(shown)}). Patterns are fnmatch globs on "
             "these names, e.g. '*.down_proj', 'model.layers.0.*', 'score'."
@@ -171,7 +173,7 @@ def quantize_model(
     if fuse_projections:
         fuse(model, keep)
     if zero_point not in ("centering", "torchao"):
-        raise ValueError(f"zero_point={zero_point!r} is not one of ('centering', 'torchao').")
+        raise UserError(f"zero_point={zero_point!r} is not one of ('centering', 'torchao').")
     centre = activations == "asymmetric" and zero_point == "centering"
     if centre:
         activations = "symmetric"  # torchao quantizes the centred tokens symmetrically
@@ -222,22 +224,39 @@ def check_smoothquant(method: str, alpha: float | str | None, calibration_texts:
             "(quantize.calibration_texts >= 1, and a non-empty training split)"
         )
     if problems:
-        raise ValueError("; ".join(problems) + ".")
+        raise UserError("; ".join(problems) + ".")
 
 
 def check_activations(method: str, activations: str) -> None:
     if activations not in ACTIVATIONS:
-        raise ValueError(f"quantize.activations={activations!r} is not one of {ACTIVATIONS}.")
+        raise UserError(f"quantize.activations={activations!r} is not one of {ACTIVATIONS}.")
     if activations == "asymmetric" and method != "int8_dynamic":
-        raise ValueError(
+        raise UserError(
             f"quantize.activations='asymmetric' needs quantize=int8_dynamic (the only choice that "
             f"quantizes activations); quantize.method is {method!r}: set it to symmetric."
         )
 
 
+def check_settings(qcfg: DictConfig, data=None) -> None:
+    """Every check of a `quantize=` config that needs no model: the method, that this platform
+    runs it, SmoothQuant, activations, attention; with the task's `data`, that SmoothQuant has
+    calibration texts and `auto` a validation split. Run before anything is trained or measured."""
+    check_method(qcfg.method)
+    if qcfg.method == "none":
+        return
+    check_platform(qcfg.method, "cpu", qcfg.get("group_size", 128))
+    alpha = qcfg.get("smoothquant_alpha")
+    texts = int(qcfg.get("calibration_texts", 64))
+    check_smoothquant(qcfg.method, alpha, texts if data is None else (len(data.train) and texts))
+    check_activations(qcfg.method, qcfg.get("activations", "symmetric"))
+    check_attention(qcfg.get("attention"))
+    if data is not None and alpha == AUTO and qcfg.method == "int8_dynamic":
+        require_validation(len(data.val))
+
+
 def check_attention(attention: str | None) -> None:
     if attention is not None and attention not in ATTENTIONS:
-        raise ValueError(
+        raise UserError(
             f"quantize.attention={attention!r} is not one of {ATTENTIONS}, or null to keep the "
             "attention kernel the model was loaded with."
         )
@@ -312,6 +331,7 @@ def quantize_run(cfg: DictConfig, out: Path, model_dir: Path | None = None) -> d
     """Quantize `model_dir` (default `<out>/model`), save `<out>/quantized/`, evaluate and benchmark
     both on the test split, and write the per-stage report. Returns `quantize/...` metrics."""
     from llm_lightning.data import load_task
+    from llm_lightning.data.provenance import check_split, read_provenance
     from llm_lightning.models.saved import load_saved
     from llm_lightning.stages import bench_settings, measure_stage, write_report
 
@@ -319,32 +339,34 @@ def quantize_run(cfg: DictConfig, out: Path, model_dir: Path | None = None) -> d
     qcfg = cfg.quantize
     check_method(qcfg.method)
     if qcfg.method == "none":
-        raise ValueError(
+        raise UserError(
             f"quantize.method='none' leaves nothing to quantize; choose one of {METHODS[1:]} "
             "(config group `quantize=`)."
         )
-    check_platform(qcfg.method, "cpu", qcfg.get("group_size", 128))
     model_dir = Path(model_dir) if model_dir is not None else out / "model"
     if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"quantize: no exported model at {model_dir} (set export=true, or pass "
             "model_path=<a run's model/ folder>)."
         )
     data = load_task(cfg.task, cfg.seed)
+    check_split(model_dir, cfg.task, cfg.seed, data, allow=bool(cfg.get("allow_split_mismatch")))
+    check_settings(qcfg, data)
     settings = bench_settings(cfg)
     model, tokenizer, _ = load_saved(model_dir)
-    skip = list(qcfg.get("skip") or [])
-    skipped_linears(model, skip)  # a bad pattern fails now, not after the fp32 benchmark
-    alpha = qcfg.get("smoothquant_alpha")
-    check_smoothquant(qcfg.method, alpha, len(data.train) and int(qcfg.get("calibration_texts", 64)))
-    check_activations(qcfg.method, qcfg.get("activations", "symmetric"))
-    check_attention(qcfg.get("attention"))
-    if alpha == AUTO and qcfg.method == "int8_dynamic":
-        require_validation(len(data.val))  # before the fp32 benchmark, not after
+    skipped_linears(
+        model, list(qcfg.get("skip") or [])
+    )  # a bad pattern fails now, not after the fp32 benchmark
     rows = [measure_stage("fp32", model, tokenizer, data, cfg, model_dir, settings, compile=False)]
     quantized = quantize_with_config(model, tokenizer, qcfg, data, cfg.task.max_length)
     target = save_quantized(
-        quantized, tokenizer, out / "quantized", qcfg.method, qcfg.compile, **saved_settings(qcfg)
+        quantized,
+        tokenizer,
+        out / "quantized",
+        qcfg.method,
+        qcfg.compile,
+        **saved_settings(qcfg),
+        training=read_provenance(model_dir)[0],
     )
     name = qcfg.method + ("+compile" if qcfg.compile else "")
     rows.append(
@@ -366,13 +388,12 @@ def quantize_run(cfg: DictConfig, out: Path, model_dir: Path | None = None) -> d
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="quantize_model")
+@user_errors
 def main(cfg: DictConfig) -> None:
-    from llm_lightning.train import apply_runtime
-
     apply_runtime(cfg.runtime)
     metrics = quantize_run(cfg, Path(cfg.output_dir), Path(cfg.model_path).expanduser())
     print(json.dumps(metrics, indent=2, sort_keys=True), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    run_entry(main)

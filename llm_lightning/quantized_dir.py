@@ -7,6 +7,7 @@
                                       "fused_projections", "torch", "torchao", "weights",
                                       "attn_implementation"}; formats 1 (no "centered") and 2 (no
                                       "fused_projections") load too
+      training.json                   the input model's data record (llm_lightning.data.provenance)
       quantized_weights.pt            torch.save(state_dict): the quantized linear weights are torchao
                                       tensor subclasses (Int8Tensor), everything else (embeddings,
                                       the `quantize.skip` layers) plain tensors. With
@@ -15,12 +16,13 @@
                                       `mlp.gate_up_proj` (llm_lightning.fused_projections)
 
 `quantized_weights.pt` loads with `torch.load(weights_only=True)`: torchao registers its tensor
-classes as safe globals, so no pickled code runs. The weights need the same major torchao version.
+classes as safe globals, so no pickled code runs. The weights need the same minor torchao version (`check_torchao_version`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,8 +30,11 @@ import torch
 from torch import nn
 
 from llm_lightning.centering import CENTERED, center_activations
-from llm_lightning.export import atomic_dir
+from llm_lightning.errors import UserError
+from llm_lightning.export import atomic_dir, write_json
 from llm_lightning.fused_projections import fuse_projections, is_fused
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "quantized_weights.pt"
 META_FILE = "quantization.json"
@@ -46,8 +51,10 @@ def save_quantized(
     skip: Sequence[str] = (),
     smoothquant_alpha: float | None = None,
     activations: str = "symmetric",
+    training: dict | None = None,
 ) -> Path:
-    """Write the quantized model in the format described at the top of this file."""
+    """Write the quantized model in the format described at the top of this file; `training`, the
+    input model's training.json (llm_lightning.data.provenance), travels with it."""
     import torchao
 
     def write(tmp: Path) -> None:
@@ -72,6 +79,8 @@ def save_quantized(
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if training is not None:
+            write_json(tmp / "training.json", training)
 
     return atomic_dir(target, write)
 
@@ -84,17 +93,18 @@ def load_quantized(path: Path):
     """Return (model, tokenizer) from a folder written by `save_quantized`, in eval mode, not compiled."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from llm_lightning.models import _with_pad_token
+    from llm_lightning.models import with_pad_token
 
     path = Path(path)
     meta = json.loads((path / META_FILE).read_text())
     if meta.get("format") not in READABLE_FORMATS:
-        raise ValueError(
+        raise UserError(
             f"{path / META_FILE}: format {meta.get('format')!r}; this version reads {READABLE_FORMATS}."
         )
+    check_torchao_version(meta, path)
     from transformers.initialization import no_init_weights
 
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # a folder is data, never code
     with no_init_weights():  # the placeholders are replaced below; untouched pages cost no memory
         model = AutoModelForSequenceClassification.from_config(
             config, dtype=torch.float32, attn_implementation=meta.get("attn_implementation") or "eager"
@@ -105,14 +115,30 @@ def load_quantized(path: Path):
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not _tied(model, k)]
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"{path / meta['weights']} does not fit {path / 'config.json'}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}."
         )
     model.tie_weights()
     if meta.get("centered"):
         center_activations(model)
-    return _with_pad_token(model.eval(), AutoTokenizer.from_pretrained(path))
+    return with_pad_token(model.eval(), AutoTokenizer.from_pretrained(path, trust_remote_code=False))
+
+
+def check_torchao_version(meta: dict, path: Path) -> None:
+    """The weights are torchao tensor subclasses, pickled by class and field: another minor version
+    may rename a field and load wrong or not at all, so a different minor version is refused."""
+    import torchao
+
+    saved, installed = meta.get("torchao"), torchao.__version__
+    if saved is None or saved == installed:
+        return
+    if saved.split(".")[:2] != installed.split(".")[:2]:
+        raise UserError(
+            f"{path / META_FILE} was written with torchao {saved}, and torchao {installed} is installed. "
+            f"Install torchao=={saved} to load it, or quantize the model/ folder again with this version."
+        )
+    log.warning("%s was written with torchao %s; loading with %s.", path, saved, installed)
 
 
 def _tied(model: nn.Module, key: str) -> bool:

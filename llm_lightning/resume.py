@@ -17,6 +17,8 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from llm_lightning.errors import MissingFileError, UserError
+
 
 def checkpoint_dir(cfg) -> Path:
     """Where `ModelCheckpoint` writes: its configured `dirpath`, else `<output_dir>/checkpoints`."""
@@ -36,7 +38,7 @@ def resolve_ckpt_path(cfg) -> str | None:
     if str(value) == "last":
         last = checkpoint_dir(cfg) / "last.ckpt"
         if not last.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"ckpt_path=last but there is no {last}. Hydra starts every launch in a new directory; "
                 "resume in the interrupted run's directory: "
                 "`python -m llm_lightning.train hydra.run.dir=<run dir> ckpt_path=last` "
@@ -45,12 +47,12 @@ def resolve_ckpt_path(cfg) -> str | None:
         return str(last)
     path = Path(str(value)).expanduser()
     if path.is_dir():
-        raise ValueError(
+        raise UserError(
             f"ckpt_path={value} is a directory; pass a .ckpt file, or resume that run with "
             f"`hydra.run.dir={path} ckpt_path=last`."
         )
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={value}: no such checkpoint file.")
+        raise MissingFileError(f"ckpt_path={value}: no such checkpoint file.")
     return str(path)
 
 

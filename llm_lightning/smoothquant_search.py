@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from llm_lightning.bench import pad
+from llm_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def agreement(got: torch.Tensor, reference: torch.Tensor) -> dict:
 
 def require_validation(texts: int) -> None:
     if texts < 1:
-        raise ValueError(
+        raise UserError(
             "quantize.smoothquant_alpha=auto picks alpha on the validation split, and this task "
             "has no validation texts: set quantize.smoothquant_alpha to a number (0.5 is usual)."
         )
@@ -81,7 +82,7 @@ def choose_alpha(
     texts), and one result row per candidate. `quantize(copy, alpha)` quantizes a copy in place."""
     require_validation(len(rows))
     if not candidates or any(not 0.0 <= float(a) <= 1.0 for a in candidates):
-        raise ValueError(
+        raise UserError(
             f"quantize.smoothquant_candidates={list(candidates)}: give one or more alphas in [0, 1]."
         )
     reference = logits(model, rows, pad_id)

@@ -1,6 +1,9 @@
 """The per-stage compression report: every stage measured the same way (llm_lightning.bench),
 written as `report.json`, `report.md` (one row per stage), `pareto.png` (accuracy against
-throughput) and to TensorBoard (hparams per stage, the table as text).
+throughput) and to TensorBoard (hparams per stage, the table as text). Every stage after the first
+is also compared with the first (the teacher, or the fp32 input) text by text on the same test
+texts (llm_lightning.measure.paired): the accuracy difference with its paired bootstrap interval,
+the exact McNemar p-value and the share of identical predictions.
 
     python -m llm_lightning.stages outputs/sentiment/<date>/<time>     # re-measure a run's stages
 
@@ -23,17 +26,33 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from llm_lightning.bench import BenchSettings, cpu_name, measure
+from llm_lightning.errors import MissingFileError, UnsupportedError, UserError
 from llm_lightning.export import write_json
+from llm_lightning.measure.paired import compare
 
 log = logging.getLogger(__name__)
 
 SPEED_KEY = "tokens_per_s_b16"  # what "faster" means: batch-16 throughput on real test texts
-# (column, header, format) for report.md; report.json has every key of every row.
+# per-text lists a row carries from measure_stage; report.json keeps them apart, under "per_text"
+PER_TEXT = ("predictions", "labels")
+PAIRED = {"rounds": 10_000, "seed": 0, "level": 0.95}  # bootstrap of the comparison with the first stage
+DIFF_KEYS = ("vs_first_acc_diff", "vs_first_acc_diff_low", "vs_first_acc_diff_high")
+
+
+def _points(row: dict) -> str:
+    """The accuracy difference and its interval, in percentage points: "-1.05 [-1.99, -0.12]"."""
+    return "{:+.2f} [{:+.2f}, {:+.2f}]".format(*(100 * row[k] for k in DIFF_KEYS))
+
+
+# (column, header, format or a function of the row) for report.md; report.json has every key of every row.
 COLUMNS = (
     ("stage", "stage", "{}"),
     ("input", "input", "{}"),
     ("acc", "test acc", "{:.4f}"),
     ("f1_macro", "macro-F1", "{:.4f}"),
+    ("vs_first_acc_diff", "vs first: Δacc pts [95% CI]", _points),
+    ("vs_first_mcnemar_p", "McNemar p", "{:.3g}"),
+    ("vs_first_agreement", "agree", "{:.2%}"),
     ("tokens_per_s_b16", "tok/s b16", "{:,.0f}"),
     ("texts_per_s_b16", "texts/s b16", "{:,.1f}"),
     ("tokens_per_s_b32", "tok/s b32", "{:,.0f}"),
@@ -50,11 +69,11 @@ COLUMNS = (
 )
 
 
-class NoTestSplitError(ValueError):
+class NoTestSplitError(UserError):
     """The report measures accuracy and speed on the task's test split, and there is none."""
 
 
-class SpeedGateError(RuntimeError):
+class SpeedGateError(UnsupportedError):
     """A compressed stage is slower than its input and `quantize.require_speedup=true`."""
 
 
@@ -109,6 +128,7 @@ def measure_stage(
     )
     row.update(
         {
+            "labels": [int(label) for label in data.test.labels],  # to pair this stage with others
             "stage": name,
             "input": input_stage,
             "compressed": bool(compressed and input_stage),
@@ -139,6 +159,29 @@ def speed_warnings(rows: list[dict]) -> list[str]:
     return found
 
 
+def paired_with_first(rows: list[dict]) -> None:
+    """Set each later row's comparison with the first, from both rows' per-text predictions:
+    `vs_first_acc_diff` (this stage's accuracy minus the first's) with `vs_first_acc_diff_low` /
+    `_high` (its paired bootstrap interval, `PAIRED`), `vs_first_mcnemar_p`, `vs_first_agreement`,
+    `vs_first_only_first_right` / `vs_first_only_this_right` (texts only one of them gets right)
+    and `vs_first_n` (texts). A row without predictions and labels gets none of them."""
+    first = rows[0] if rows else {}
+    if not all(key in first for key in PER_TEXT):
+        return
+    for row in rows[1:]:
+        if not all(key in row for key in PER_TEXT):
+            continue
+        if row["labels"] != first["labels"]:
+            raise ValueError(
+                f"Stages {first['stage']!r} and {row['stage']!r} were measured on different test texts "
+                f"({len(first['labels'])} and {len(row['labels'])} labels, or a different order): "
+                "they cannot be compared text by text."
+            )
+        got = compare(first["labels"], first["predictions"], row["predictions"], **PAIRED)
+        names = {"discordant_a_right": "only_first_right", "discordant_b_right": "only_this_right"}
+        row.update({f"vs_first_{names.get(k, k)}": v for k, v in got.items()})
+
+
 def environment() -> dict:
     return {
         "threads": torch.get_num_threads(),
@@ -156,13 +199,22 @@ def write_report(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     found = speed_warnings(rows)
-    report = {"environment": environment(), "speed_key": SPEED_KEY, "stages": rows, "warnings": found}
+    paired_with_first(rows)
+    table = [{k: v for k, v in row.items() if k not in PER_TEXT} for row in rows]
+    report = {"environment": environment(), "speed_key": SPEED_KEY, "stages": table, "warnings": found}
+    if rows and "vs_first_n" in table[-1]:
+        report["paired"] = {"against": rows[0]["stage"], "texts": table[-1]["vs_first_n"], **PAIRED}
     if cfg is not None and cfg.get("runtime") is not None:
         report["runtime"] = OmegaConf.to_container(cfg.runtime, resolve=True)
     quantize = cfg.get("quantize") if cfg is not None else None
     if quantize is not None and quantize.get("method", "none") != "none":
         # as used: `smoothquant_alpha: auto` has been replaced by the alpha it chose
         report["quantize"] = OmegaConf.to_container(quantize, resolve=True)
+    # the per-text lists (one int per test text and stage) stay out of the rows, which remain a
+    # flat table of numbers; kept under their own key, any two stages can be paired again from here
+    per_text = {r["stage"]: r["predictions"] for r in rows if "predictions" in r}
+    if per_text:
+        report["per_text"] = {"labels": rows[0].get("labels"), "predictions": per_text}
     write_json(out / "report.json", report)
     (out / "report.md").write_text(markdown(report))
     pareto_plot(rows, out / "pareto.png")
@@ -192,8 +244,17 @@ def markdown(report: dict) -> str:
         cells = []
         for key, _, fmt in COLUMNS:
             value = row.get(key)
-            cells.append("—" if value is None else fmt.format(value))
+            cells.append("—" if value is None else fmt(row) if callable(fmt) else fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
+    if "paired" in report:
+        paired = report["paired"]
+        lines.append(
+            f"\nvs first: each stage against {paired['against']!r} on the same {paired['texts']} test texts, "
+            f"text by text. Δacc is in accuracy points with its {paired['level']:.0%} paired bootstrap "
+            f"interval ({paired['rounds']:,} resamples of the texts, seed {paired['seed']}); McNemar p is the "
+            "exact two-sided test on the texts only one of the two gets right; agree is the share of "
+            "identical predictions."
+        )
     if "quantize" in report:
         settings = ", ".join(f"{k}={v}" for k, v in report["quantize"].items())
         lines.append(f"\nQuantization settings: {settings}")
@@ -243,7 +304,7 @@ def to_tensorboard(report: dict, logdir: Path) -> None:
             metrics = {
                 f"report/{k}": float(v)
                 for k, v in row.items()
-                if isinstance(v, float) and k not in ("threads",)
+                if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("threads",)
             }
             writer.add_hparams(hparams, metrics, run_name=row["stage"].replace("+", "_"))
 
@@ -282,12 +343,12 @@ def report_for_run(run_dir: Path, cfg: DictConfig | None = None, require_speedup
     config_file = run_dir / ".hydra" / "config.yaml"
     if cfg is None:
         if not config_file.exists():
-            raise FileNotFoundError(f"No {config_file}: the report reads the run's task and seed from it.")
+            raise MissingFileError(f"No {config_file}: the report reads the run's task and seed from it.")
         cfg = OmegaConf.load(config_file)
     _alpha_as_saved(cfg, run_dir)
     stages = stage_dirs(run_dir)
     if not stages:
-        raise FileNotFoundError(f"{run_dir} has no exported stage (model/ or quantized/) to report on.")
+        raise MissingFileError(f"{run_dir} has no exported stage (model/ or quantized/) to report on.")
     data = load_task(cfg.task, cfg.seed)
     require_test_split(data, str(run_dir))
     settings = bench_settings(cfg)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -23,25 +22,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from llm_lightning.callbacks import GradualUnfreeze, LayerFreeze, TokenThroughput
 from llm_lightning.data import ClassificationDataModule, load_task
+from llm_lightning.data.provenance import PROVENANCE_FILE, check_split, provenance, write_provenance
+from llm_lightning.errors import UserError
 from llm_lightning.export import export_model, write_json
 from llm_lightning.models import load_classifier
 from llm_lightning.module import SequenceClassifier
 from llm_lightning.report import log_confusion_matrix, log_final_hparams, print_summary
 from llm_lightning.resume import resolve_ckpt_path
+from llm_lightning.runtime import apply_runtime, resolved_precision, run_entry, user_errors
 
 log = logging.getLogger(__name__)
 METHODS = ("full", "freeze", "gradual_unfreeze", "lora")
 
 
-def apply_runtime(runtime) -> None:
-    if runtime.get("threads"):
-        torch.set_num_threads(int(runtime.threads))
-
-
 def finetune_callbacks(cfg) -> list[Callback]:
     method = cfg.method
     if method not in METHODS:
-        raise ValueError(f"finetune.method={method!r} is not one of {METHODS} (config group `finetune=`).")
+        raise UserError(f"finetune.method={method!r} is not one of {METHODS} (config group `finetune=`).")
     if method == "full":
         return [LayerFreeze(None, freeze_embeddings=True)] if cfg.freeze_embeddings else []
     if method == "freeze":
@@ -90,7 +87,7 @@ def with_transfer_set(cfg: DictConfig, data):
     from llm_lightning.data.transfer import with_transfer_set as append_transfer
 
     if float(cfg.distill.alpha) == 0 and not cfg.distill.get("alpha_schedule"):
-        raise ValueError(
+        raise UserError(
             f"distill.transfer.source={transfer.source} adds unlabeled texts, but distill.alpha=0 "
             "gives them no loss (only the KD term learns from them). Set distill.alpha > 0, or "
             "distill.transfer.source=null."
@@ -101,9 +98,18 @@ def with_transfer_set(cfg: DictConfig, data):
     return data
 
 
+def check_teacher_split(cfg: DictConfig, data) -> None:
+    """A teacher trained on other splits may have learnt this run's val/test texts, and the
+    student would inherit that: its teacher is checked like a model about to be scored."""
+    teacher = cfg.distill.get("teacher") if cfg.get("distill") and cfg.distill.method != "none" else None
+    if isinstance(teacher, str) and Path(teacher).expanduser().exists():
+        check_split(teacher, cfg.task, cfg.seed, data, allow=bool(cfg.get("allow_split_mismatch")))
+
+
 def build(cfg: DictConfig):
     """Everything `trainer.fit` needs, from the composed config."""
     data = load_task(cfg.task, cfg.seed)
+    check_teacher_split(cfg, data)
     data = with_transfer_set(cfg, data)
     log.info("Data: %s", data.sizes())
     print(f"Data ({cfg.task.name}): {data.sizes()}", flush=True)
@@ -112,7 +118,7 @@ def build(cfg: DictConfig):
         from llm_lightning.models.lora import add_lora
 
         model = add_lora(model, cfg.finetune)
-    module = SequenceClassifier(model, data.label_names, cfg.optimizer, cfg.scheduler)
+    module = SequenceClassifier(model, data.label_names, cfg.optimizer, cfg.scheduler, tokenizer=tokenizer)
     datamodule = ClassificationDataModule(
         data,
         tokenizer,
@@ -135,10 +141,20 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     out = Path(cfg.output_dir)
     apply_runtime(cfg.runtime)
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("quantize") and cfg.quantize.method != "none":  # quantized after training: check now
+        from llm_lightning.quantize import check_settings
+
+        check_settings(cfg.quantize)
     module, datamodule, tokenizer, callbacks = build(cfg)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    _save_config(cfg, out)
+    precision = resolved_precision(cfg.trainer.precision)
+    if str(cfg.trainer.precision) == "auto":
+        print(f"Precision (auto): {precision}", flush=True)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision
+    )
+    training = training_record(cfg, datamodule.data)
+    _save_config(cfg, out, training)
 
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
@@ -168,7 +184,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
             "best_checkpoint": best,
         }
     )
-    _finish(cfg, trainer, module, tokenizer, metrics, out)
+    _finish(cfg, trainer, module, tokenizer, metrics, out, training)
     if cfg.get("quantize") and cfg.quantize.method != "none" and trainer.is_global_zero:
         from llm_lightning.quantize import quantize_run
 
@@ -176,19 +192,28 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "tokenizer": tokenizer}
 
 
+def training_record(cfg: DictConfig, data) -> dict:
+    """What the model is trained against (training.json, llm_lightning.data.provenance)."""
+    transfer = cfg.distill.get("transfer") if cfg.get("distill") and cfg.distill.method != "none" else None
+    settings = OmegaConf.to_container(transfer, resolve=True) if transfer and transfer.source else None
+    return provenance(cfg.task, cfg.seed, data, transfer=settings)
+
+
 @rank_zero_only
-def _save_config(cfg: DictConfig, out: Path) -> None:
-    """The composed config, also when train() is called without Hydra (tests, notebooks)."""
+def _save_config(cfg: DictConfig, out: Path, training: dict) -> None:
+    """The composed config, also when train() is called without Hydra (tests, notebooks), and the
+    data record beside it, which a checkpoint of this run is checked against."""
     hydra_dir = out / ".hydra"
     if not (hydra_dir / "config.yaml").exists():
         hydra_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, hydra_dir / "config.yaml", resolve=False)
+    write_provenance(out, training)
 
 
 @rank_zero_only
-def _finish(cfg, trainer, module, tokenizer, metrics: dict, out: Path) -> None:
+def _finish(cfg, trainer, module, tokenizer, metrics: dict, out: Path, training: dict) -> None:
     if cfg.get("export") and not trainer.fast_dev_run:
-        export_model(module.model, tokenizer, out / "model")
+        export_model(module.model, tokenizer, out / "model", {PROVENANCE_FILE: training})
     write_json(out / "metrics.json", metrics)
     for lg in trainer.loggers:
         if isinstance(lg, TensorBoardLogger):
@@ -197,6 +222,7 @@ def _finish(cfg, trainer, module, tokenizer, metrics: dict, out: Path) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@user_errors
 def main(cfg: DictConfig) -> float | None:
     from llm_lightning.distributed import shared_config, use_child_command
 
@@ -207,4 +233,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry(main)

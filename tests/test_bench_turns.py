@@ -3,10 +3,13 @@ being off (a cache-filling forward is slower and makes torch.compile recompile p
 
 from __future__ import annotations
 
+import time
+
+import pytest
 import torch
 from torch import nn
 
-from llm_lightning.bench import interleaved_throughput
+from llm_lightning.bench import interleaved_throughput, rates_in_turns
 
 
 class Recorder(nn.Module):
@@ -29,9 +32,38 @@ def test_models_take_turns_and_every_one_is_reported(tiny):
     log: list[str] = []
     models = {"a": Recorder(model, "a", log), "b": Recorder(model, "b", log)}
     speeds = interleaved_throughput(models, tokenizer, TEXTS, batch_size=8, rounds=3)
-    assert set(speeds) == {"a", "b"} and all(v > 0 for v in speeds.values())
+    assert set(speeds) == {"a", "a_min", "a_max", "b", "b_min", "b_max"}
+    assert all(0 < speeds[f"{n}_min"] <= speeds[n] <= speeds[f"{n}_max"] for n in models)
     batches = 3  # 20 texts in batches of 8; every batch goes through both models before the next
     assert log == ["a", "b"] * batches * 3
+
+
+def test_each_round_is_reported_and_a_stalled_round_is_the_slowest(tiny):
+    """A model that stalls in its second round only: that round is its slowest, by at least the
+    stall, so min/max over rounds show what a median alone hides."""
+    model, tokenizer = tiny
+    calls = {"n": 0}
+
+    class StallsInRoundTwo(nn.Module):
+        def forward(self, **kwargs):
+            calls["n"] += 1
+            if calls["n"] in (4, 5, 6):  # 3 batches per round: round 2 is calls 4-6
+                time.sleep(0.5)
+            return model(**kwargs)
+
+    with torch.inference_mode():  # warm up, as callers do: a cold first round is slow by itself
+        model(**tokenizer(TEXTS[:8], padding=True, return_tensors="pt"))
+    rates, probed = rates_in_turns({"m": StallsInRoundTwo()}, tokenizer, TEXTS, batch_size=8, rounds=3)
+    assert probed == {} and len(rates["m"]) == 3
+    assert rates["m"][1] == min(rates["m"])
+    tokens = sum(len(ids) for ids in tokenizer(TEXTS)["input_ids"])  # real tokens of one round
+    assert rates["m"][1] <= tokens / 1.5  # the stalled round took at least 3 x 0.5 s
+
+
+def test_names_that_collide_with_the_spread_keys_are_refused(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="collide"):
+        interleaved_throughput({"a": model, "a_min": model}, tokenizer, TEXTS[:4], batch_size=4, rounds=1)
 
 
 def test_probes_take_their_turn_after_each_batch_and_report_their_median(tiny):

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 import llm_lightning.train
-from llm_lightning.compress import compress, load_chain, merged_overrides
+from llm_lightning.checkpoint_io import safe_load
+from llm_lightning.compress import compress, load_chain, merged_overrides, train_stages
+from llm_lightning.errors import UserError
+from tests.conftest import run_module
 
 
 def test_later_overrides_of_the_same_key_win():
@@ -71,13 +75,34 @@ def test_chain_exports_every_stage_reports_them_and_resumes(chain, monkeypatch):
     assert distilled.model.name_or_path.endswith("pruned/model")
     assert distilled.distill.transfer.source == "imdb_sentences" and distilled.distill.transfer.limit == 48
     assert json.loads(open(f"{out}/report.json").read())["runtime"] == {"threads": 1}
+    records = {s: record(out, s) for s in ("teacher", "pruned", "distilled", "quantized")}
+    assert {r["status"] for r in records.values()} == {"done"}
+    fingerprint = {s: r["fingerprint"] for s, r in records.items()}
+    assert records["pruned"]["inputs"] == {"teacher": fingerprint["teacher"]}
+    assert records["distilled"]["inputs"] == {
+        "pruned": fingerprint["pruned"],
+        "teacher": fingerprint["teacher"],
+    }
+    assert records["quantized"]["inputs"] == {"distilled": fingerprint["distilled"]}
 
     def no_training(cfg):
         raise AssertionError(f"stage in {cfg.output_dir} ran again")
 
     monkeypatch.setattr(llm_lightning.train, "train", no_training)
-    again = compress(chain)  # every stage exists: nothing is retrained, the report is measured again
+    # Every training stage is unchanged: none is retrained; the quantized one is redone with the new
+    # setting, and the report is measured again.
+    chain.quantize.skip = ["score"]
+    again = compress(chain)
     assert [r["stage"] for r in again["stages"]] == [s for s, _, _ in stages]
+    assert {s: record(out, s)["fingerprint"] for s in ("teacher", "pruned", "distilled")} == {
+        s: fingerprint[s] for s in ("teacher", "pruned", "distilled")
+    }
+    assert record(out, "quantized")["fingerprint"] != fingerprint["quantized"]
+    assert json.loads((Path(out) / "quantized/quantization.json").read_text())["skip"] == ["score"]
+
+
+def record(out, stage: str) -> dict:
+    return json.loads((Path(out) / stage / "stage.json").read_text())
 
 
 def test_more_stages_run_in_order_each_from_the_one_it_names(chain, monkeypatch):
@@ -180,3 +205,134 @@ def test_no_recipe_and_no_stages_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match=r"compress stages \[\]: .*key `stages` of the recipe"):
         compress(chain)
     assert not (tmp_path / "chain").exists()
+
+
+@pytest.mark.parametrize(
+    "override, error",
+    [
+        (
+            "distill.temprature=3",
+            r"stage 'distilled' .*does not compose: Could not override 'distill.temprature'",
+        ),
+        ("prune=depht", r"stage 'distilled' .*does not compose: In 'train': Could not find 'prune/depht'"),
+        ("distill.alpha=2", r"stage 'distilled': distill.alpha must be in \[0, 1\], got 2"),
+        (
+            "prune=depth prune.remove_layers=-1",
+            r"stage 'distilled': .*prune.remove_layers=-1 must be an integer >= 0",
+        ),
+        (
+            "finetune=freeze finetune.trainable_layers=-2",
+            r"stage 'distilled': finetune.trainable_layers must be >= 0, got -2",
+        ),
+        (
+            "model.name_or_path={distilled}",
+            r"stage 'distilled' reads \{distilled\}, which is not a stage that",
+        ),
+        (
+            "distill.teacher=/no/such/teacher",
+            r"stage 'distilled': distill.teacher=/no/such/teacher does not exist",
+        ),
+        ("task=imdb", r"stage 'distilled' trains on task 'imdb' .* but the teacher on 'sentiment'"),
+        ("model.name_or_path=???", r"stage 'distilled' .*leaves \['model.name_or_path'\] unset"),
+    ],
+)
+def test_a_bad_override_in_the_last_stage_fails_before_the_first_stage_trains(chain, override, error):
+    chain.stages.distilled = [*chain.stages.distilled, *override.split()]
+    with pytest.raises(UserError, match=r"compress " + error):
+        compress(chain)
+    assert not Path(chain.out).exists()  # not even teacher/
+
+
+@pytest.mark.parametrize(
+    "setting, error",
+    [
+        ({"activations": "bogus"}, r"quantize.activations='bogus' is not one of"),
+        ({"method": "int8_weight_only"}, r"quantize.smoothquant_alpha=auto needs quantize=int8_dynamic"),
+        ({"method": "none"}, r"quantize.method='none' leaves nothing to quantize"),
+        ({"attention": "flash"}, r"quantize.attention='flash' is not one of"),
+    ],
+)
+def test_bad_quantize_settings_fail_before_the_first_stage_trains(chain, setting, error):
+    chain.quantize = {**chain.quantize, **setting}
+    with pytest.raises(UserError, match=r"compress stage 'quantized' \(key `quantize` .*\): " + error):
+        compress(chain)
+    assert not Path(chain.out).exists()
+
+
+def test_an_unknown_key_on_the_command_line_exits_2_naming_the_nearest_key(tmp_path):
+    done = run_module("llm_lightning.compress", "reciep=x", f"out={tmp_path / 'chain'}")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert (
+        "error: unknown key 'reciep' (did you mean 'recipe'?); valid keys: common, out, quantize"
+        in done.stderr
+    )
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "chain").exists()
+    with pytest.raises(
+        UserError, match=r"unknown key 'quantize.compil' \(did you mean 'quantize.compile'\?\)"
+    ):
+        load_chain(["quantize.compil=false"])
+
+
+def test_a_rerun_resumes_the_interrupted_stage_and_retrains_only_what_changed(chain, tmp_path, capsys):
+    """Trained once; then `pruned` changed and killed mid-stage; then rerun with `distilled` changed:
+    teacher is reused, pruned continues from its last.ckpt, distilled (and quantized) are made again."""
+    out, recipe, steps = Path(chain.out), tmp_path / "recipe.yaml", tmp_path / "pruned_steps.log"
+
+    def with_stages(**changed) -> None:  # a recipe file, so the killed run reads the same chain
+        stages = {**OmegaConf.to_container(chain.stages), **changed}
+        OmegaConf.save(
+            {"out": chain.out, "common": chain.common, "quantize": chain.quantize, "stages": stages}, recipe
+        )
+
+    # the progress bar stays on: off a terminal it is LogProgress, which the mid-epoch resume below
+    # must not break (Lightning skips on_train_epoch_start there)
+    chain.stages.distilled = [*chain.stages.distilled, "distill.transfer.source=null"]
+    chain.quantize = {**chain.quantize, "smoothquant_alpha": None, "fuse_projections": False}  # quicker
+    train_stages(chain)
+    first = {s: record(out, s) for s in ("teacher", "pruned", "distilled")}
+    teacher_written = (out / "teacher/model/model.safetensors").stat().st_mtime_ns
+    distilled_written = (out / "distilled/model/model.safetensors").stat().st_mtime_ns
+
+    # Kill `pruned` at step 3 of 4: its last.ckpt is the validation's after step 2.
+    kill = ["+callbacks.kill._target_=tests.stage_faults.KillOnceAtStep", "+callbacks.kill.step=3"]
+    pruned = [*chain.stages.pruned, *kill, f"+callbacks.kill.log={steps}"]
+    with_stages(pruned=pruned)
+    killed = run_module("llm_lightning.compress", f"recipe={recipe}")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    interrupted = record(out, "pruned")
+    assert interrupted["status"] == "running" and interrupted["fingerprint"] != first["pruned"]["fingerprint"]
+    assert safe_load(out / "pruned/checkpoints/last.ckpt")["global_step"] == 2
+    assert (out / "pruned.stale/model/config.json").exists()  # the previous model, kept until replaced
+    assert record(out, "distilled") == first["distilled"]
+
+    with_stages(pruned=pruned, distilled=[*chain.stages.distilled, "distill.temperature=3.0"])
+    report = compress(load_chain([f"recipe={recipe}"]))
+    printed = capsys.readouterr().out
+    assert steps.read_text().split() == ["0", "2"]  # the killed fit started at 0, the rerun at 2
+    assert "[compress] teacher: unchanged since its last run; reused" in printed
+    assert "[compress] pruned: interrupted with the same settings: resuming from " in printed
+    assert f"[compress] pruned: resuming in {out / 'pruned'}" in printed
+    assert (
+        "[compress] distilled: changed since its last run (distill.temperature: 2.0 -> 3.0; its input pruned "
+        "changed); retrained, and so are the later stages that read from it: ['quantized']"
+    ) in printed
+    assert record(out, "teacher") == first["teacher"]
+    assert (out / "teacher/model/model.safetensors").stat().st_mtime_ns == teacher_written
+    assert record(out, "pruned") == {**interrupted, "status": "done"}
+    distilled = record(out, "distilled")
+    assert distilled["status"] == "done" and distilled["settings"]["distill.temperature"] == 3.0
+    assert distilled["inputs"] == {
+        "pruned": interrupted["fingerprint"],
+        "teacher": first["teacher"]["fingerprint"],
+    }
+    assert (out / "distilled/model/model.safetensors").stat().st_mtime_ns > distilled_written
+    assert OmegaConf.load(out / "distilled/.hydra/config.yaml").distill.temperature == 3.0
+    assert record(out, "quantized")["inputs"] == {"distilled": distilled["fingerprint"]}
+    assert not list(out.glob("*.stale"))  # gone once their stage was made again
+    assert [r["stage"] for r in report["stages"]] == [
+        "teacher",
+        "pruned",
+        "distilled",
+        "quantized (int8_dynamic)",
+    ]

@@ -10,7 +10,13 @@ from tests.conftest import make_cfg, run_module
 
 @pytest.mark.parametrize(
     "precision,expected",
-    [("'32'", 32), ("32-true", "32-true"), ("16-mixed", "16-mixed"), ("bf16-mixed", "bf16-mixed")],
+    [
+        ("'32'", 32),
+        ("32-true", "32-true"),
+        ("16-mixed", "16-mixed"),
+        ("bf16-mixed", "bf16-mixed"),
+        ("auto", "auto"),
+    ],
 )
 def test_precision_group_maps_to_lightning_precision(tmp_path, precision, expected):
     cfg = make_cfg(tmp_path, [f"precision={precision}"])
@@ -24,7 +30,22 @@ def test_every_finetune_choice_composes(tmp_path, choice):
 
 def test_default_run_is_the_documented_recipe(tmp_path):
     cfg = make_cfg(tmp_path, [])
-    assert (cfg.task.name, cfg.finetune.method, cfg.trainer.precision) == ("sentiment", "full", "bf16-mixed")
+    assert (cfg.task.name, cfg.finetune.method, cfg.trainer.precision) == ("sentiment", "full", "auto")
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        ({"avx2", "avx512f", "avx512_bf16"}, "bf16-mixed"),
+        ({"avx2", "amx_bf16"}, "bf16-mixed"),
+        ({"avx2"}, "32-true"),
+    ],
+)
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(flags, expected):
+    from llm_lightning.runtime import resolved_precision
+
+    assert resolved_precision("auto", flags=flags, cuda=False) == expected
+    assert resolved_precision("16-mixed", flags=flags, cuda=False) == "16-mixed"  # a choice is kept
 
 
 def test_unknown_choice_lists_the_valid_ones(tmp_path):

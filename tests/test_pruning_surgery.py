@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -21,6 +23,7 @@ from llm_lightning.pruning import (
     width_importance,
 )
 from llm_lightning.pruning.depth import layers_to_keep
+from llm_lightning.pruning.loadable import check_saveable, config_refusal
 from llm_lightning.pruning.structured import check_width_args
 
 # 6 query heads sharing 2 KV heads: groups of 3, so "query" and "kv_group" modes differ.
@@ -202,3 +205,18 @@ def test_bad_head_and_layer_counts_say_what_is_valid():
         layers_to_keep(torch.rand(3), 3)
     with pytest.raises(ValueError, match=r"remove_layers=-1"):
         DepthPruning(remove_layers=-1)
+
+
+def test_a_pruned_config_transformers_would_refuse_is_named_before_export(tmp_path):
+    config = tiny_model()[0].config  # 48 wide, 6 heads
+    assert config_refusal(config, num_attention_heads=2) is None
+    refusal = config_refusal(config, num_attention_heads=5)
+    assert "hidden size (48) is not a multiple of the number of attention heads (5)" in refusal
+    assert config.num_attention_heads == 6  # asked on a copy
+    check_saveable(config, "prune=structured (x)")
+    bad = copy.deepcopy(config)
+    bad.num_attention_heads = 5  # setting the attribute checks nothing; saving does
+    with pytest.raises(Exception, match="not a multiple of the number of attention heads"):
+        bad.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"prune=structured \(x\) gives a model config that transformers"):
+        check_saveable(bad, "prune=structured (x)")

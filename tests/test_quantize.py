@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -155,3 +156,20 @@ def test_quantize_command_saves_evaluates_and_reports(tiny, tmp_path):
     assert report["stages"][1]["size_mb"] < 0.7 * report["stages"][0]["size_mb"]
     loaded, _, _ = load_saved(out / "quantized")
     assert all(isinstance(w, Int8Tensor) for w in linear_weights(loaded).values())
+
+
+def test_a_quantized_folder_from_another_torchao_minor_version_is_refused_naming_both(tiny, tmp_path):
+    import torchao
+
+    from llm_lightning.errors import UserError
+
+    model, tokenizer = tiny
+    quantized = quantize_model(copy.deepcopy(model), "int8_weight_only")
+    save_quantized(quantized, tokenizer, tmp_path / "q", "int8_weight_only")
+    meta_file = tmp_path / "q" / "quantization.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["torchao"] == torchao.__version__
+    meta["torchao"] = "0.11.0"
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=rf"torchao 0\.11\.0, and torchao {re.escape(torchao.__version__)}"):
+        load_saved(tmp_path / "q")

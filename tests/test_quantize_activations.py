@@ -17,6 +17,7 @@ from torchao.quantization import MappingType
 from llm_lightning.centering import CENTERED
 from llm_lightning.compiling import maybe_compile
 from llm_lightning.models.saved import load_saved
+from llm_lightning.onednn_int8 import packed_matmul_is_exact
 from llm_lightning.quantize import quantize_model
 from llm_lightning.quantized_dir import META_FILE, save_quantized
 from tests.test_quantize import logits
@@ -205,8 +206,10 @@ def test_packed_onednn_weights_give_what_torch_int_mm_gives(shape):
     """On x86 CPUs the centred forward multiplies by oneDNN's packed copy of each int8 weight
     (llm_lightning.onednn_int8) instead of torch._int_mm on the plain one: the same integer
     products and scales, so one layer agrees to float rounding, eager and compiled."""
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip("this torch build has no oneDNN: the centred forward uses torch._int_mm")
+    if not (torch.backends.mkldnn.is_available() and packed_matmul_is_exact()):
+        pytest.skip(
+            "no exact oneDNN int8 linear here (no oneDNN, or no VNNI/AMX): the centred forward uses _int_mm"
+        )
     torch.manual_seed(0)
     features, out_features = shape
     x = torch.randn(3, 5, features) + 4 * torch.rand(3, 5, 1)
@@ -251,7 +254,9 @@ def test_centred_models_deepcopy_and_move_with_their_packed_weights(tiny):
     copied = copy.deepcopy(quantized)
     layers = [m for m in quantized_linears(copied) if getattr(m, CENTERED, False)]
     assert layers and all(
-        (m.packed_int8_weight is not None) == torch.backends.mkldnn.is_available() for m in layers
+        (m.packed_int8_weight is not None)
+        == (torch.backends.mkldnn.is_available() and packed_matmul_is_exact())
+        for m in layers
     )
     torch.testing.assert_close(logits(copied, tokenizer), logits(quantized, tokenizer), atol=1e-6, rtol=0)
     copied.to("meta")

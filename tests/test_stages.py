@@ -94,6 +94,7 @@ def test_measure_returns_every_number(tiny, tmp_path, one_thread):
         enc = tokenizer(data.test.texts, padding=True, return_tensors="pt")
         preds = model(**enc).logits.argmax(-1)
     assert measured["acc"] == pytest.approx((preds == torch.tensor(data.test.labels)).float().mean().item())
+    assert measured["predictions"] == preds.tolist()  # one per text, in text order
 
 
 def test_percentile_matches_numpy():
@@ -128,6 +129,62 @@ def test_report_files_have_every_stage_and_column(tmp_path):
     assert runs == {"fp32", "int8_dynamic_compile"}  # one hparams run per stage
 
 
+def test_report_compares_every_stage_with_the_first_text_by_text(tmp_path):
+    # ten texts: 0-2 both right, 3 both wrong, 4 only fp32 right, 5-9 only the student right
+    labels = [0, 1, 0, 1, 0, 1, 0, 1, 0, 1]
+    fp32 = [0, 1, 0, 0, 0, 0, 1, 0, 1, 0]  # acc 0.4
+    student = [0, 1, 0, 0, 1, 1, 0, 1, 0, 1]  # acc 0.8
+    rows = [
+        row("fp32", 400.0, acc=0.4) | {"predictions": fp32, "labels": labels},
+        row("student", 800.0, "fp32", acc=0.8) | {"predictions": student, "labels": labels},
+        row("int8", 1600.0, "student", acc=0.4) | {"predictions": fp32, "labels": labels},
+    ]
+    write_report(rows, tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    first, second, third = report["stages"]
+    assert not any(k.startswith("vs_first_") for k in first)
+    assert second["vs_first_acc_diff"] == pytest.approx(second["acc"] - first["acc"])
+    assert second["vs_first_acc_diff_low"] <= second["vs_first_acc_diff"] <= second["vs_first_acc_diff_high"]
+    # 1 text only fp32 gets right, 5 only the student: p = 2 (C(6,0) + C(6,1)) / 2^6 = 14/64
+    assert second["vs_first_mcnemar_p"] == pytest.approx(0.21875)
+    assert (second["vs_first_only_first_right"], second["vs_first_only_this_right"]) == (1, 5)
+    assert second["vs_first_agreement"] == pytest.approx(0.4)
+    # against the first stage, not its input: the int8 stage repeats fp32's answers
+    assert third["vs_first_acc_diff"] == 0.0 and third["vs_first_agreement"] == 1.0
+    # per-text lists kept apart from the rows
+    assert not any(k in r for r in report["stages"] for k in ("predictions", "labels"))
+    assert report["per_text"] == {
+        "labels": labels,
+        "predictions": {"fp32": fp32, "student": student, "int8": fp32},
+    }
+    assert report["paired"] == {"against": "fp32", "texts": 10, "rounds": 10_000, "seed": 0, "level": 0.95}
+    text = (tmp_path / "report.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    column = {h: i for i, h in enumerate(cells[0])}
+    low, high = (100 * second[k] for k in ("vs_first_acc_diff_low", "vs_first_acc_diff_high"))
+    assert cells[3][column["vs first: Δacc pts [95% CI]"]] == f"+40.00 [{low:+.2f}, {high:+.2f}]"
+    assert cells[3][column["McNemar p"]] == "0.219" and cells[3][column["agree"]] == "40.00%"
+    assert cells[2][column["McNemar p"]] == "—"  # the first stage is the reference
+    assert "against 'fp32' on the same 10 test texts" in text and "[0, 1, 0, 0" not in text
+    run = tmp_path / "tensorboard" / "report" / "student"
+    events = EventAccumulator(str(run))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    for key in ("acc_diff", "acc_diff_low", "acc_diff_high", "mcnemar_p", "agreement"):
+        assert f"report/vs_first_{key}" in scalars, key
+    assert events.Scalars("report/vs_first_mcnemar_p")[0].value == pytest.approx(0.21875)
+
+
+def test_stages_measured_on_different_texts_cannot_be_paired(tmp_path):
+    rows = [
+        row("fp32", 400.0) | {"predictions": [0, 1], "labels": [0, 1]},
+        row("int8", 800.0, "fp32") | {"predictions": [0, 1, 1], "labels": [0, 1, 1]},
+    ]
+    with pytest.raises(ValueError, match="'fp32' and 'int8' were measured on different test texts"):
+        write_report(rows, tmp_path)
+
+
 def test_speed_gate_warns_or_fails_on_a_slower_compressed_stage(tmp_path):
     rows = [row("fp32", 400.0), row("int8_weight_only", 300.0, "fp32")]
     with pytest.warns(UserWarning, match=r"'int8_weight_only' is slower than its input 'fp32': 300 vs 400"):
@@ -149,6 +206,18 @@ def test_speed_gate_trips_on_a_measured_slower_model(tiny, tmp_path, one_thread)
     assert rows[1]["acc"] == rows[0]["acc"]  # same answers, only slower
     with pytest.raises(SpeedGateError, match="'slowed' is slower than its input 'fp32'"):
         write_report(rows, tmp_path, require_speedup=True)
+    # the same model against itself, text by text: no difference, no discordant text, all agree
+    paired = {k: v for k, v in rows[1].items() if k.startswith("vs_first_")}
+    assert paired == {
+        "vs_first_acc_diff": 0.0,
+        "vs_first_acc_diff_low": 0.0,
+        "vs_first_acc_diff_high": 0.0,
+        "vs_first_mcnemar_p": 1.0,
+        "vs_first_agreement": 1.0,
+        "vs_first_only_first_right": 0,
+        "vs_first_only_this_right": 0,
+        "vs_first_n": len(data.test),
+    }
 
 
 def test_report_needs_a_test_split(tiny, tmp_path):

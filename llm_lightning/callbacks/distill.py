@@ -28,6 +28,7 @@ from typing_extensions import override
 from llm_lightning.callbacks.finetune import _extend_schedulers, decoder_parts
 from llm_lightning.callbacks.kd_losses import HiddenStateLoss, KLDivergenceLoss, Schedule, pooled_last_token
 from llm_lightning.callbacks.teacher_cache import TeacherCache, teacher_outputs
+from llm_lightning.errors import UserError
 
 METHODS = ("none", "kd")
 
@@ -36,7 +37,7 @@ def distillation_callbacks(cfg: DictConfig) -> list[Callback]:
     """The callbacks for `distill=<method>` (train.py's `stage_callbacks` calls this)."""
     d = cfg.distill
     if d.method not in METHODS:
-        raise ValueError(f"distill.method={d.method!r} is not one of {METHODS} (config group `distill=`).")
+        raise UserError(f"distill.method={d.method!r} is not one of {METHODS} (config group `distill=`).")
     if d.method == "none":
         return []
     return [
@@ -101,14 +102,14 @@ class KnowledgeDistillation(Callback):
         if hidden_weight < 0:
             problems.append(f"distill.hidden_weight must be >= 0, got {hidden_weight}")
         if problems:
-            raise ValueError("; ".join(problems) + ".")
+            raise UserError("; ".join(problems) + ".")
         self.teacher_spec, self.task = teacher, task
         self.temperature = Schedule(float(temperature), **(temperature_schedule or {}))
         self.alpha = Schedule(float(alpha), **(alpha_schedule or {}))
         if self.alpha.end is not None and not 0.0 <= self.alpha.end <= 1.0:
-            raise ValueError(f"distill.alpha_schedule.end must be in [0, 1], got {self.alpha.end}.")
+            raise UserError(f"distill.alpha_schedule.end must be in [0, 1], got {self.alpha.end}.")
         if self.temperature.end is not None and not self.temperature.end > 0:
-            raise ValueError(f"distill.temperature_schedule.end must be > 0, got {self.temperature.end}.")
+            raise UserError(f"distill.temperature_schedule.end must be > 0, got {self.temperature.end}.")
         self.hidden_weight, self.use_cache = float(hidden_weight), bool(use_cache)
         self.cache_dir, self.fill_batch_size, self.teacher_sha256 = (
             cache_dir,
@@ -195,7 +196,7 @@ class KnowledgeDistillation(Callback):
                     f"Teacher outputs [{self.task}/{split}]: read from {cache.path(split, ids)}", flush=True
                 )
             if entry["logits"].shape[-1] != len(dm.label_names):
-                raise ValueError(
+                raise UserError(
                     f"The teacher has {entry['logits'].shape[-1]} outputs but the task has "
                     f"{len(dm.label_names)} labels {dm.label_names}; use a teacher for this task."
                 )
@@ -210,7 +211,7 @@ class KnowledgeDistillation(Callback):
         self.teacher_params = sum(p.numel() for p in self.teacher.parameters())
         sha = weights_sha256(self.teacher)
         if self.teacher_sha256 not in (None, sha):
-            raise ValueError(
+            raise UserError(
                 f"The teacher at {self.teacher_spec} changed since the student was built "
                 f"(weights sha256 {sha[:12]}, expected {self.teacher_sha256[:12]})."
             )

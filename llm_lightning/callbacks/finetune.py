@@ -17,6 +17,8 @@ from lightning.pytorch.callbacks import BaseFinetuning
 from torch import nn
 from typing_extensions import override
 
+from llm_lightning.errors import UserError
+
 
 def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, list[nn.Module]]:
     """(embeddings, decoder layers, [final norm, head]) of an HF decoder classifier, plain or
@@ -35,7 +37,7 @@ class LayerFreeze(BaseFinetuning):
     def __init__(self, trainable_layers: int | None, freeze_embeddings: bool = True):
         super().__init__()
         if trainable_layers is not None and trainable_layers < 0:
-            raise ValueError(f"finetune.trainable_layers must be >= 0, got {trainable_layers}.")
+            raise UserError(f"finetune.trainable_layers must be >= 0, got {trainable_layers}.")
         self.trainable_layers = trainable_layers
         self.freeze_embeddings = freeze_embeddings
 
@@ -43,7 +45,7 @@ class LayerFreeze(BaseFinetuning):
         if self.trainable_layers is None:  # all layers
             self.trainable_layers = len(layers)
         if self.trainable_layers > len(layers):
-            raise ValueError(
+            raise UserError(
                 f"finetune.trainable_layers={self.trainable_layers} but the model has only {len(layers)} "
                 f"decoder layers; choose 0..{len(layers)}."
             )
@@ -74,7 +76,7 @@ class GradualUnfreeze(LayerFreeze):
     ):
         super().__init__(trainable_layers, freeze_embeddings)
         if layers_per_step < 1 or every_n_epochs < 1:
-            raise ValueError(
+            raise UserError(
                 f"finetune.layers_per_step and finetune.every_n_epochs must be >= 1, "
                 f"got {layers_per_step} and {every_n_epochs}."
             )

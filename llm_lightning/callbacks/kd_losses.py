@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm_lightning.errors import UserError
+
 SHAPES = ("constant", "linear", "cosine")
 
 
@@ -35,7 +37,7 @@ class KLDivergenceLoss(nn.Module):
             Scalar float32 tensor.
         """
         if temperature <= 0:
-            raise ValueError(f"distill.temperature must be > 0, got {temperature}.")
+            raise UserError(f"distill.temperature must be > 0, got {temperature}.")
         s = F.log_softmax(student_logits.float() / temperature, dim=-1)
         t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
         kl = (t.exp() * (t - s)).sum(-1)  # (batch,)
@@ -78,12 +80,12 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
-            raise ValueError(
+            raise UserError(
                 f"schedule shape={self.shape!r} is not one of {SHAPES} "
                 "(distill.temperature_schedule.shape / distill.alpha_schedule.shape)."
             )
         if self.shape != "constant" and self.end is None:
-            raise ValueError(f"a {self.shape} schedule needs `end` (distill.*_schedule.end).")
+            raise UserError(f"a {self.shape} schedule needs `end` (distill.*_schedule.end).")
 
     def __str__(self) -> str:
         return (

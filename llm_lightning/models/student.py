@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from llm_lightning.errors import MissingFileError, UserError
 from llm_lightning.models import load_classifier
 
 
@@ -33,19 +34,19 @@ def load_teacher(
     """
     if isinstance(spec, (Mapping, DictConfig)):
         if "source" not in spec:
-            raise ValueError(
+            raise UserError(
                 f"distill.teacher={_show(spec)} is a mapping without `source`; give a model source "
                 "like conf/model/*.yaml ({source: hf, name_or_path: ...}) or a path."
             )
         teacher, tokenizer = load_classifier(spec, label_names)
     else:
         if not spec or spec == "???":
-            raise ValueError(
+            raise UserError(
                 "distill=kd needs distill.teacher=<a run's model/ folder, a .ckpt, or a model source>."
             )
         path = Path(str(spec)).expanduser()
         if not path.exists():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"distill.teacher={spec!r} does not exist. Pass a run's exported model/ folder "
                 "(outputs/<task>/<run>/model), a checkpoint inside a run directory (.ckpt), "
                 "or a model source mapping such as {source: hf, name_or_path: <hub id>}."
@@ -54,7 +55,7 @@ def load_teacher(
 
         teacher, tokenizer, names = load_saved(path)
         if list(names) != list(label_names):
-            raise ValueError(
+            raise UserError(
                 f"The teacher's labels {list(names)} differ from the task's labels {list(label_names)}: "
                 f"distill.teacher={spec!r} was trained for another label set. Distil on the task the teacher "
                 "was trained for (config group `task=`), or set task.labels to the teacher's labels."
@@ -84,7 +85,7 @@ def check_same_tokenizer(teacher_tok: PreTrainedTokenizerBase, student_tok: PreT
                 f"{getattr(student_tok, attr)} for the student"
             )
     if problems:
-        raise ValueError(
+        raise UserError(
             "The teacher and student use different tokenizers: " + "; ".join(problems) + ". "
             "Pick a student with the teacher's tokenizer (`model=`), or build it from the teacher "
             "with distill.student.from_teacher=true."
@@ -95,7 +96,7 @@ def evenly_spaced(total: int, keep: int) -> list[int]:
     """`keep` of `total` layer indices, spread evenly and always ending with the last layer (it feeds
     the norm and head the student copies). 30 -> 15 keeps 0, 2, 4, ..., 14, 17, ..., 27, 29."""
     if not 1 <= keep <= total:
-        raise ValueError(
+        raise UserError(
             f"distill.student.num_layers={keep} is out of range: the teacher has {total} decoder "
             f"layers; choose 1..{total}, or list them with distill.student.keep_layers."
         )
@@ -108,12 +109,12 @@ def check_keep_layers(keep_layers: Sequence[int], total: int) -> list[int]:
     keep = [int(i) for i in keep_layers]
     bad = [i for i in keep if not 0 <= i < total]
     if not keep or bad:
-        raise ValueError(
+        raise UserError(
             f"distill.student.keep_layers={keep} is out of range: {bad or 'empty'}; the teacher has "
             f"{total} decoder layers, so valid indices are 0..{total - 1}."
         )
     if len(set(keep)) != len(keep):
-        raise ValueError(f"distill.student.keep_layers={keep} repeats a layer; list each index once.")
+        raise UserError(f"distill.student.keep_layers={keep} repeats a layer; list each index once.")
     return keep
 
 

@@ -13,12 +13,13 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from llm_lightning.errors import UserError
 from llm_lightning.pruning.structured import llama_of
 
 
 def check_remove_layers(num_layers: int, remove_layers: int) -> None:
     if not isinstance(remove_layers, int) or not 0 <= remove_layers < num_layers:
-        raise ValueError(
+        raise UserError(
             f"prune.remove_layers={remove_layers!r} but the model has {num_layers} decoder layers "
             f"and at least one must stay; choose 0..{num_layers - 1}."
         )
@@ -53,7 +54,7 @@ def block_influence(model: nn.Module, batches: Iterable[dict]) -> torch.Tensor:
             h.remove()
         model.train(was_training)
     if tokens == 0:
-        raise ValueError("No task batches reached the block influence estimate; raise prune.batches.")
+        raise UserError("No task batches reached the block influence estimate; raise prune.batches.")
     return (total / tokens).float()
 
 
@@ -68,7 +69,7 @@ def drop_layers(model: nn.Module, keep: list[int]) -> nn.Module:
     llama = llama_of(model)
     n = len(llama.layers)
     if not keep or sorted(set(keep)) != list(keep) or keep[-1] >= n or keep[0] < 0:
-        raise ValueError(f"Layers to keep must be increasing indices in 0..{n - 1}, got {keep}.")
+        raise UserError(f"Layers to keep must be increasing indices in 0..{n - 1}, got {keep}.")
     previous = getattr(model.config, "kept_layers", None) or list(range(n))
     llama.layers = nn.ModuleList(llama.layers[i] for i in keep)
     for new_index, layer in enumerate(llama.layers):

@@ -16,6 +16,8 @@ import re
 import torch
 from torch import nn
 
+from llm_lightning.errors import UserError
+
 IMPORTANCES = ("l1", "random")
 SCOPES = ("global", "layer")
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -54,9 +56,9 @@ def compute_masks(
     only grow as the target rises.
     """
     if importance not in IMPORTANCES:
-        raise ValueError(f"prune.importance={importance!r} is not one of {IMPORTANCES}.")
+        raise UserError(f"prune.importance={importance!r} is not one of {IMPORTANCES}.")
     if scope not in SCOPES:
-        raise ValueError(f"prune.scope={scope!r} is not one of {SCOPES}.")
+        raise UserError(f"prune.scope={scope!r} is not one of {SCOPES}.")
     scores = {}
     for name, w in weights.items():
         s = _scores(name, w, importance, seed)

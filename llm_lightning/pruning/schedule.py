@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llm_lightning.errors import UserError
+
 KINDS = ("one_shot", "epochs", "cubic")
 
 
 def check_sparsity(value: float, key: str) -> float:
     """Sparsity is a fraction of weights removed: 0 keeps all, 1 would remove everything."""
     if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(
+        raise UserError(
             f"{key}={value!r} is outside [0, 1): it is the fraction of weights removed "
             f"(0.5 removes half). Change `{key}`."
         )
@@ -64,7 +66,7 @@ class SparsitySchedule:
         if self.kind == "epochs" and (not self.epochs or sorted(self.epochs) != list(self.epochs)):
             problems.append(f"prune.schedule.epochs={self.epochs} must be a non-empty increasing list")
         if problems:
-            raise ValueError("Bad pruning schedule:\n  " + "\n  ".join(problems))
+            raise UserError("Bad pruning schedule:\n  " + "\n  ".join(problems))
         self.epochs = [int(e) for e in self.epochs]
 
     def resolve(self, total_steps: int) -> None:

@@ -5,7 +5,9 @@ HF's `LlamaConfig` has one `intermediate_size`, `num_attention_heads` and
 `num_key_value_heads` for all layers, so we remove the same number of neurons and heads in
 every layer (which ones differs per layer). The exported model then loads with plain
 `from_pretrained`. `head_dim` is written to the config explicitly, since after removing heads
-it is no longer `hidden_size // num_attention_heads`.
+it is no longer `hidden_size // num_attention_heads`. Transformers 5 still requires
+`hidden_size % num_attention_heads == 0` (its check ignores `head_dim`), so a head count that
+breaks it is refused before training, with the counts that work (`valid_remove_heads`).
 
 Grouped-query attention: query head h reads KV head `h // (H / G)`. Two ways keep that valid:
 - `query`: remove the same number of query heads from every group (K/V untouched);
@@ -24,8 +26,11 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
+import transformers
 from torch import nn
 
+from llm_lightning.errors import UserError
+from llm_lightning.pruning.loadable import config_refusal
 from llm_lightning.pruning.schedule import check_sparsity
 
 HEAD_MODES = ("query", "kv_group")
@@ -58,8 +63,72 @@ def llama_of(model: nn.Module) -> nn.Module:
     return model.model
 
 
+def heads_after(config, remove_heads: int, heads_mode: str) -> tuple[int, int]:
+    """(query heads, KV heads) per layer once `remove_heads` query heads are removed."""
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    if heads_mode == "query":
+        return heads - remove_heads, kv
+    return heads - remove_heads, kv - remove_heads // (heads // kv)
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _refusal(config, remove_heads: int, heads_mode: str) -> str | None:
+    """Why transformers would refuse the pruned config (head_dim kept explicit, as `shrink_width` writes it)."""
+    heads, kv = heads_after(config, remove_heads, heads_mode)
+    return config_refusal(
+        config, num_attention_heads=heads, num_key_value_heads=kv, head_dim=_head_dim(config)
+    )
+
+
+def valid_remove_heads(config, heads_mode: str) -> list[int]:
+    """The `remove_heads` values that keep the GQA grouping and give a config transformers saves and loads."""
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    step = kv if heads_mode == "query" else heads // kv
+    return [r for r in range(0, heads, step) if r == 0 or _refusal(config, r, heads_mode) is None]
+
+
+def _remove_heads_problem(config, remove_heads: int, heads_mode: str) -> str | None:
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    per_group = heads // kv
+    valid = valid_remove_heads(config, heads_mode)
+    if not 0 <= remove_heads < heads:
+        return (
+            f"prune.remove_heads={remove_heads} but each layer has {heads} query heads and one "
+            f"must stay; valid for heads_mode={heads_mode}: {valid}."
+        )
+    if remove_heads % (kv if heads_mode == "query" else per_group):
+        how = (
+            f"removing evenly within the {kv} groups needs a multiple of {kv}"
+            if heads_mode == "query"
+            else f"removing whole groups needs a multiple of the group size {per_group}"
+        )
+        return (
+            f"prune.remove_heads={remove_heads} breaks the GQA grouping ({heads} query heads share "
+            f"{kv} KV heads): {how}. Valid: {valid}; or change prune.heads_mode."
+        )
+    refusal = remove_heads and _refusal(config, remove_heads, heads_mode)
+    if not refusal:
+        return None
+    left, left_kv = heads_after(config, remove_heads, heads_mode)
+    other = next(m for m in HEAD_MODES if m != heads_mode)
+    return (
+        f"prune.remove_heads={remove_heads} (heads_mode={heads_mode}) would leave {left} query heads "
+        f"and {left_kv} KV heads per layer, a config transformers {transformers.__version__} refuses "
+        f"({refusal}): the run would train and then fail to save model/ (save_pretrained), and it "
+        f"would not load (from_pretrained). Valid prune.remove_heads for heads_mode={heads_mode}: "
+        f"{valid}; with prune.heads_mode={other}: {valid_remove_heads(config, other)}."
+    )
+
+
 def check_width_args(config, mlp_sparsity: float, remove_heads: int, heads_mode: str) -> None:
-    """Every problem with the width request at once, each with the valid choices."""
+    """Every problem with the width request at once, each with the valid choices.
+
+    Runs before the importance pass and training: besides the GQA grouping, the pruned head
+    counts must give a config transformers accepts (llm_lightning.pruning.loadable).
+    """
     problems = []
     try:
         check_sparsity(mlp_sparsity, "prune.mlp_sparsity")
@@ -67,27 +136,10 @@ def check_width_args(config, mlp_sparsity: float, remove_heads: int, heads_mode:
         problems.append(str(e))
     if heads_mode not in HEAD_MODES:
         problems.append(f"prune.heads_mode={heads_mode!r} is not one of {HEAD_MODES}.")
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    per_group = heads // kv
-    step = kv if heads_mode == "query" else per_group
-    valid = list(range(0, heads, step))
-    if not 0 <= remove_heads < heads:
-        problems.append(
-            f"prune.remove_heads={remove_heads} but each layer has {heads} query heads and one "
-            f"must stay; valid for heads_mode={heads_mode}: {valid}."
-        )
-    elif heads_mode in HEAD_MODES and remove_heads % step:
-        how = (
-            f"removing evenly within the {kv} groups needs a multiple of {kv}"
-            if heads_mode == "query"
-            else f"removing whole groups needs a multiple of the group size {per_group}"
-        )
-        problems.append(
-            f"prune.remove_heads={remove_heads} breaks the GQA grouping ({heads} query heads share "
-            f"{kv} KV heads): {how}. Valid: {valid}; or change prune.heads_mode."
-        )
+    elif problem := _remove_heads_problem(config, remove_heads, heads_mode):
+        problems.append(problem)
     if problems:
-        raise ValueError("Bad structured pruning request:\n  " + "\n  ".join(problems))
+        raise UserError("Bad structured pruning request:\n  " + "\n  ".join(problems))
 
 
 def width_importance(
@@ -106,7 +158,7 @@ def width_importance(
         (mlp, heads): shapes (layers, intermediate_size) and (layers, num_attention_heads).
     """
     if method not in IMPORTANCES:
-        raise ValueError(f"prune.importance={method!r} is not one of {IMPORTANCES}.")
+        raise UserError(f"prune.importance={method!r} is not one of {IMPORTANCES}.")
     llama = llama_of(model)
     layers = llama.layers
     head_dim = layers[0].self_attn.head_dim
@@ -165,7 +217,7 @@ def width_importance(
             h.remove()
         model.train(was_training)
     if tokens == 0:
-        raise ValueError("No task batches reached the importance estimate; raise prune.batches.")
+        raise UserError("No task batches reached the importance estimate; raise prune.batches.")
     return mlp / tokens, heads / tokens
 
 
