@@ -34,9 +34,10 @@ def pack_int8_weight(qdata: torch.Tensor) -> torch.Tensor | None:
 def packed_matmul_is_exact() -> bool:
     """Whether oneDNN's packed int8 linear gives the exact integer product on this CPU.
 
-    On x86 CPUs without VNNI or AMX (AVX2 only, e.g. an AMD EPYC of the Zen 2/3 kind), oneDNN's
-    signed int8 GEMM goes through `vpmaddubsw`, whose int16 pair sums saturate: every layer came
-    out off by 0.4-0.8 against 0.015 for `torch._int_mm`. One small multiply at the full int8
+    On x86 CPUs without VNNI or AMX (AVX2 only, e.g. this project's AMD EPYC machines) oneDNN's
+    signed int8 GEMM came out wrong, most likely through `vpmaddubsw`, whose int16 pair sums
+    saturate: on such a CPU (2026-12-01) one layer's output was off by 0.4-0.8 against 0.015 for `torch._int_mm`, and the
+    tiny model's logits by 0.055 against 0.0027. One small multiply at the full int8
     range, checked once per process against the float product (exact here: the sums stay below
     2^24), tells the two kinds of CPU apart without a list of ISAs."""
     gen = torch.Generator().manual_seed(0)

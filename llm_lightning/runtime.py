@@ -46,8 +46,9 @@ NATIVE_BF16 = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX-512 BF16 / AMX, Arm
 
 def resolved_precision(precision, flags: set[str] | None = None, cuda: bool | None = None) -> str | int:
     """Lightning's precision for `trainer.precision`; `auto` picks bf16-mixed only where bf16 is
-    computed natively. On an AVX2-only CPU (AMD EPYC, 2 threads) a bf16 matmul ran at 8 GFLOP/s
-    against 33 for fp32, so bf16 autocast there makes training slower, not faster."""
+    computed natively. On an AVX2-only CPU (AMD EPYC, 2 threads, 2026-12-01) a 512^3 bf16 matmul
+    ran at 1.3 GFLOP/s against 95 for fp32: bf16 autocast there makes training ~70x slower in its
+    matmuls, not faster (docs/BENCHMARKS.md, "bf16 without native bf16")."""
     if str(precision) != "auto":
         return precision
     if torch.cuda.is_available() if cuda is None else cuda:

@@ -280,3 +280,30 @@ def test_without_onednn_the_centred_forward_uses_torch_int_mm(tiny, monkeypatch)
     reference = logits(model, tokenizer)
     error = (logits(fallback, tokenizer) - reference).abs().max()
     assert 0 < error <= 0.10 * reference.abs().max()
+
+
+def test_the_packed_int8_probe_agrees_with_a_layer_of_smollm2s_shape():
+    """`packed_matmul_is_exact` decides from one small multiply whether oneDNN's packed int8 linear
+    is used; a full-range multiply of SmolLM2's up-projection shape must get the same verdict (on
+    AVX2-only CPUs it was off by a quarter of the output's range, on AMX/VNNI ones exact)."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (64, 576), dtype=torch.int8, generator=gen)
+    w = torch.randint(-127, 128, (1536, 576), dtype=torch.int8, generator=gen)
+    packed = torch.ops.onednn.qlinear_pointwise(
+        q,
+        1.0,
+        0,
+        torch.ops.onednn.qlinear_prepack(w, None),
+        torch.ones(1536),
+        None,
+        None,
+        1.0,
+        0,
+        torch.float32,
+        "none",
+        [],
+        "",
+    )
+    assert torch.equal(packed, q.float() @ w.float().T) == packed_matmul_is_exact()

@@ -33,7 +33,6 @@ def train(tmp_path, *args: str, **kwargs):
         (["finetune=bogus"], ["finetune", "bogus", "full"]),  # an unknown choice: Hydra lists the options
         (["reciep=3"], ["reciep"]),  # an unknown key
         (["finetune.method=bogus"], ["finetune.method='bogus'", "gradual_unfreeze"]),  # a bad value
-        (["task=csv", "task.path=/nowhere/reviews.csv"], ["/nowhere/reviews.csv", "task.path"]),
     ],
 )
 def test_train_refuses_bad_config_with_a_message_and_status_2(tmp_path, args, needles):
