@@ -58,23 +58,14 @@ def check_stage(cfg: DictConfig, stage: str, teacher: DictConfig, chain_models: 
 
 def check_quantize(q: DictConfig) -> None:
     """The quantized stage's settings, checked with quantize.py's own checks, before anything trains."""
-    from llm_lightning.quantize import (
-        METHODS,
-        check_activations,
-        check_attention,
-        check_platform,
-        check_smoothquant,
-    )
+    from llm_lightning.quantize import METHODS, check_settings
 
     try:
         if q.method == "none":
             raise UserError(
                 f"quantize.method='none' leaves nothing to quantize; choose one of {METHODS[1:]}."
             )
-        check_platform(q.method, "cpu", q.get("group_size", 128))
-        check_smoothquant(q.method, q.get("smoothquant_alpha"), int(q.get("calibration_texts", 64)))
-        check_activations(q.method, q.get("activations", "symmetric"))
-        check_attention(q.get("attention"))
+        check_settings(q)  # method, platform, SmoothQuant, activations, attention: quantize.py's own
     except UserError as err:
         raise UserError(f"compress stage 'quantized' (key `quantize` of conf/compress.yaml): {err}") from err
 
