@@ -32,6 +32,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check llm_lightning tests benchmarks
 	$(VENV)/bin/ruff format --check llm_lightning tests benchmarks
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format llm_lightning tests benchmarks

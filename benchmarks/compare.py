@@ -9,12 +9,12 @@ Each NAME=PATH is anything `llm_lightning.models.saved.load_saved` loads (a `mod
 checkpoint, a `quantized/` folder). A quantized folder saved with `compile: true` is compiled as
 its report measured it; everything else runs eagerly. This is how the whole chain's speed-up is
 measured: the fp32 teacher and the chain's last model in one process, in turns batch by batch
-(llm_lightning.bench.interleaved_throughput), on the test texts in split order and sorted by
+(llm_lightning.measure.bench.rates_in_turns), on the test texts in split order and sorted by
 length; ratios are to the first model, taken round by round (each round's models ran together),
 printed as the median with the slowest and fastest round's ratio. Accuracy is compared with the first
 model text by text (llm_lightning.measure.paired): the difference in points with its 95% paired
 bootstrap interval, the exact McNemar p-value and the share of identical predictions. `--padding-free` adds each model again with its batches
-packed into unpadded rows (llm_lightning.padding_free), as `NAME+padding_free`.
+packed into unpadded rows (llm_lightning.measure.padding_free), as `NAME+padding_free`.
 `NAME=PATH@eager` (or `@sdpa`) runs that model with that attention kernel instead of the one it
 loads with (an exported `model/` folder loads with SDPA; a quantized folder with the one it was saved
 with), e.g. to time the fp32 teacher with both kernels.
@@ -25,26 +25,23 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from llm_lightning.bench import cpu_name, evaluate, rates_in_turns, token_counts  # noqa: E402
-from llm_lightning.compiling import maybe_compile  # noqa: E402
-from llm_lightning.data import load_task  # noqa: E402
-from llm_lightning.data.provenance import check_split  # noqa: E402
-from llm_lightning.measure.paired import compare  # noqa: E402
-from llm_lightning.models.saved import load_saved  # noqa: E402
-from llm_lightning.padding_free import padding_free  # noqa: E402
-from llm_lightning.quantize import ATTENTIONS, set_attention  # noqa: E402
-from llm_lightning.quantized_dir import META_FILE  # noqa: E402
-from llm_lightning.runtime import user_errors  # noqa: E402
+from llm_lightning.data import load_task
+from llm_lightning.data.provenance import check_split
+from llm_lightning.measure.bench import cpu_name, evaluate, parameter_count, rates_in_turns, token_counts
+from llm_lightning.measure.compiling import maybe_compile
+from llm_lightning.measure.padding_free import padding_free
+from llm_lightning.measure.paired import compare
+from llm_lightning.models.saved import load_saved
+from llm_lightning.quantization.saved import META_FILE
+from llm_lightning.quantization.settings import ATTENTIONS
+from llm_lightning.quantization.torchao_path import set_attention
+from llm_lightning.runtime import conf_dir, user_errors
 
 ORDERS = ("split order", "sorted by length")
 
@@ -95,7 +92,8 @@ def print_table(models: dict, turns: dict, labels: list[int], rounds: int, texts
         )
 
 
-def main() -> None:
+def parse_args() -> tuple[argparse.Namespace, dict[str, tuple[Path, str | None]]]:
+    """The arguments, and per model NAME its (PATH, attention kernel or None)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -121,11 +119,16 @@ def main() -> None:
                 f"{spec!r}: expected NAME=PATH[@eager|@sdpa] to an existing model folder or checkpoint"
             )
         paths[name] = (Path(path), attention)
+    return args, paths
+
+
+def main() -> None:
+    args, paths = parse_args()
     torch.set_num_threads(args.threads)
     # every compiled model's decoder layers share one code object, and each model (its attention
     # kernel, its shapes) needs its own graphs: 8, torch's default, is too few for several models
     torch._dynamo.config.recompile_limit = 64
-    task = OmegaConf.load(ROOT / "conf" / "task" / "sentiment.yaml")
+    task = OmegaConf.load(conf_dir() / "task" / "sentiment.yaml")
     data = load_task(task, args.seed)
     for path, _ in paths.values():  # every model scored on the texts it was trained against
         check_split(path, task, args.seed, data, allow=args.allow_split_mismatch)
@@ -133,14 +136,23 @@ def main() -> None:
     print(
         f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}; {len(test)} test texts", flush=True
     )
+    models = load_all(paths, test, task.max_length, args)
+    texts = list(test.texts[: args.texts])
+    turns = in_turns(models, texts, args.rounds, task.max_length)
+    print_table(models, turns, list(test.labels), args.rounds, len(texts))
+
+
+def load_all(paths: dict, test, max_length: int, args: argparse.Namespace) -> dict:
+    """Per name: (model, tokenizer, compiled, test metrics, parameters), each model loaded and
+    scored (which compiles its batch shapes); with `--padding-free` also `NAME+padding_free`."""
     models = {}
     for name, (path, attention) in paths.items():
         started = time.perf_counter()
         model, tokenizer, compiled = load(path, attention)
-        rows = tokenizer(list(test.texts), truncation=True, max_length=task.max_length)["input_ids"]
+        rows = tokenizer(list(test.texts), truncation=True, max_length=max_length)["input_ids"]
         with torch.inference_mode():  # the accuracy pass also compiles every batch shape
             metrics = evaluate(model, rows, test.labels, model.config.num_labels, 32, tokenizer.pad_token_id)
-        params = sum(p.numel() for p in model.parameters())
+        params = parameter_count(model)
         models[name] = (model, tokenizer, compiled, metrics, params)
         print(
             f"  {name}: acc {metrics['acc']:.4f}, {model.config._attn_implementation} attention "
@@ -163,7 +175,13 @@ def main() -> None:
                 )
             print(f"  {name}+padding_free: acc {metrics['acc']:.4f}", flush=True)
             models[f"{name}+padding_free"] = (packed, tokenizer, compiled, metrics, params)
-    texts = list(test.texts[: args.texts])
+    return models
+
+
+def in_turns(
+    models: dict, texts: list[str], rounds: int, max_length: int
+) -> dict[str, dict[str, list[float]]]:
+    """Per order (ORDERS): each model's tok/s in each round, timed in turns; prints each order's padding."""
     tokenizer = next(iter(models.values()))[1]
     turns = {  # per model: its tok/s in each round
         order: rates_in_turns(
@@ -171,17 +189,17 @@ def main() -> None:
             tokenizer,
             texts,
             16,
-            args.rounds,
-            task.max_length,
+            rounds,
+            max_length,
             by_length=order == ORDERS[1],
-        )[0]
+        )
         for order in ORDERS
     }
-    rows = tokenizer(texts, truncation=True, max_length=task.max_length)["input_ids"]
+    rows = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     for order, ordered in zip(ORDERS, (rows, sorted(rows, key=len)), strict=True):
         real, padded = token_counts(ordered, 16)
         print(f"{order}: {real:,} real tokens, {padded:,} once padded per batch ({real / padded:.0%} real)")
-    print_table(models, turns, list(test.labels), args.rounds, len(texts))
+    return turns
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from llm_lightning.runtime import conf_dir
+
 MODELS = {
     "tiny": ["model=tiny"],  # 2 layers, hidden 64: ~0.1M params
     "small": [
@@ -59,7 +60,7 @@ def run(model: str, processes: int, threads: int, steps: int, global_batch: int)
         started = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-m", "llm_lightning.train", *args],
-            cwd=ROOT,
+            cwd=conf_dir().parent,  # the repository, where `make train` runs
             capture_output=True,
             text=True,
             env={**os.environ, "PYTHONWARNINGS": "ignore"},

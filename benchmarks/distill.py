@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from llm_lightning.callbacks.distill import KnowledgeDistillation
-from llm_lightning.callbacks.teacher_cache import TeacherCache
 from llm_lightning.data import ClassificationDataModule, load_task
+from llm_lightning.distill.losses import DistillationLoss, KDSettings
+from llm_lightning.distill.student import evenly_spaced, student_from_teacher, weights_sha256
+from llm_lightning.distill.teacher_cache import TeacherCache
 from llm_lightning.models.saved import load_saved
-from llm_lightning.models.student import evenly_spaced, student_from_teacher, weights_sha256
+from llm_lightning.runtime import conf_dir
 
 
 def throughput(models: dict, tokenizer, texts: list[str], batch_size: int, rounds: int) -> dict[str, float]:
@@ -58,7 +59,7 @@ def throughput(models: dict, tokenizer, texts: list[str], batch_size: int, round
 
 
 def task_config(limit: int | None):
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "task" / "sentiment.yaml")
+    cfg = OmegaConf.load(conf_dir() / "task" / "sentiment.yaml")
     cfg.limit = limit
     return cfg
 
@@ -92,8 +93,7 @@ def kd_step_cost(
     student.model.embed_tokens.requires_grad_(False)  # as finetune=full: embeddings frozen
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
-    kd = KnowledgeDistillation("benchmark", cfg.name, temperature=2.0, alpha=0.5)
-    kd.outputs["train"] = entry
+    kd = DistillationLoss(KDSettings.checked(2.0, 0.5))  # the loss distill=kd trains with
     batches = [b for _, b in zip(range(steps), dm.train_dataloader(), strict=False)]
     times = {"plain": [], "kd": []}
 
@@ -103,9 +103,10 @@ def kd_step_cost(
             logits = student(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits.float()
-        loss = F.cross_entropy(logits, batch["labels"])
         if with_kd:
-            loss = kd.extra_losses(logits, batch, loss)["loss"]
+            loss = kd(logits, entry["logits"][batch["index"]], batch["labels"])["loss"]
+        else:
+            loss = F.cross_entropy(logits, batch["labels"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -127,7 +128,7 @@ def _default_root() -> Path:
     return cache_dir() / "teacher_logits"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -150,7 +151,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--attn", default="eager", help="attention kernel for all three models")
     parser.add_argument("--limit", type=int, default=None, help="task.limit of the runs (wiring checks only)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 

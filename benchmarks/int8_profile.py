@@ -24,21 +24,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from harness import matmul_rate  # (benchmarks/harness.py)
 from omegaconf import OmegaConf
+from quantize import VARIANTS, build  # (benchmarks/quantize.py)
 from torch.profiler import ProfilerActivity, profile
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from quantize import VARIANTS, build, matmul_rate  # noqa: E402  (benchmarks/quantize.py)
-
-from llm_lightning.bench import cpu_name, padded_batches, timed_pass  # noqa: E402
-from llm_lightning.data import load_task  # noqa: E402
+from llm_lightning.data import load_task
+from llm_lightning.measure.bench import cpu_name, padded_batches, timed_pass
+from llm_lightning.runtime import conf_dir
 
 DEFAULT = (
     "int8_dynamic+compile+config+padding_free",
@@ -112,9 +109,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = 64  # each variant's layers need their own graphs (quantize.py)
     torch._inductor.config.cpp.enable_kernel_profile = True  # each generated kernel shows in the profile
-    task = OmegaConf.load(ROOT / "conf" / "task" / "sentiment.yaml")
+    task = OmegaConf.load(conf_dir() / "task" / "sentiment.yaml")
     data = load_task(task, args.seed)
-    qcfg = OmegaConf.load(ROOT / "conf" / "quantize" / "int8_dynamic.yaml")
+    qcfg = OmegaConf.load(conf_dir() / "quantize" / "int8_dynamic.yaml")
     qcfg.smoothquant_alpha = args.smoothquant_alpha
     print(f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}", flush=True)
     results = []

@@ -68,13 +68,13 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.callbacks.progress import ProgressBar
 from omegaconf import DictConfig, open_dict
+from profile_tables import print_profile  # (benchmarks/profile_tables.py)
 from torch.utils.tensorboard import SummaryWriter
 
 from llm_lightning.callbacks import TokenThroughput
-from llm_lightning.runtime import apply_runtime, resolved_precision
+from llm_lightning.runtime import apply_runtime, conf_dir, resolved_precision
 from llm_lightning.train import build
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS = {"smollm2": [], "tiny": ["model=tiny", "task.limit=2000"]}  # tiny: 125 batches, validation at 62
 GOAL = 1.03
 PLAIN = "plain PyTorch loop"
@@ -108,7 +108,7 @@ ABLATIONS = (
 
 def compose_config(model: str, warmup: int, steps: int, overrides: list[str], out: Path) -> DictConfig:
     """conf/train.yaml as `make train` composes it, for W + N + 1 steps, log-line progress."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(
             config_name="train",
             overrides=[
@@ -332,50 +332,12 @@ def print_tables(results: Results, steps: int) -> None:
     print(f"\nLightning overhead: {100 * (overhead - 1):+.1f}% (median), goal <= +3%: {verdict}")
 
 
-def package(path: str) -> str:
-    """Where a profiled function lives: a site-packages package, `llm_lightning.<subpackage>`, ..."""
-    if path.startswith(("~", "<")):
-        return "C functions and builtins (torch kernels included)"
-    parts = Path(path).parts
-    if "site-packages" in parts:
-        return parts[parts.index("site-packages") + 1].removesuffix(".py")
-    if "llm_lightning" in parts:
-        return ".".join(parts[parts.index("llm_lightning") : -1][:2])
-    return "standard library, this script"
-
-
-def _model_side(name: str) -> bool:
-    """The model's own work, which the plain loop does too: torch, transformers, C calls."""
-    return name.startswith("C functions") or name in ("torch", "transformers")
-
-
 def profile_breakdown(start: Start, cfg: DictConfig, root: Path, top: int = 15) -> None:
     """One Lightning run with cProfile inside the window: self time per package and per function,
     in ms per step. cProfile slows Python code more than kernels, so this says where, not how much."""
-    import pstats
-
     profiler = cProfile.Profile()
     wall = lightning_run(start, cfg, DEFAULT, root / "profile", profiler)
-    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, ncalls, self, cumulative, callers)}
-    per_step = 1000 / start.steps
-    by_package: dict[str, float] = {}
-    for (path, _, _), (_, _, self_s, _, _) in stats.items():
-        by_package[package(path)] = by_package.get(package(path), 0.0) + self_s * per_step
-    outside = sum(ms for name, ms in by_package.items() if not _model_side(name))
-    print(
-        f"\ncProfile of one Lightning run: {wall * per_step:.1f} ms/step (profiled), of which "
-        f"{outside:.1f} ms in Python outside torch, transformers and C calls"
-    )
-    print("| package | self time ms/step |\n|---|---|")
-    for name, ms in sorted(by_package.items(), key=lambda kv: -kv[1]):
-        print(f"| {name} | {ms:.2f} |")
-    own = sorted(
-        ((k, v) for k, v in stats.items() if not _model_side(package(k[0]))), key=lambda kv: -kv[1][2]
-    )
-    print(f"\nTop {top} of those functions, by self time\n| function | calls/step | ms/step |\n|---|---|---|")
-    for (path, line, name), (_, calls, self_s, _, _) in own[:top]:
-        where = f"{package(path)}: {Path(path).name}:{line} {name}"
-        print(f"| {where} | {calls * per_step / 1000:.1f} | {self_s * per_step:.3f} |")
+    print_profile(profiler, wall, start.steps, "one Lightning run", top)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

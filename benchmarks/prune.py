@@ -37,8 +37,8 @@ from llm_lightning.pruning import (
 )
 from llm_lightning.pruning.depth import layers_to_keep
 from llm_lightning.pruning.magnitude import apply_masks
+from llm_lightning.runtime import conf_dir
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("unstructured50", "mlp50", "heads", "depth50")
 
 
@@ -59,7 +59,7 @@ def load_base(path: str):
 
 
 def task_data(seed: int = 42):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["task=sentiment"])
     return load_task(cfg.task, cfg.seed if seed is None else seed)
 

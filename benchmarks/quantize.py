@@ -11,7 +11,7 @@ them; `+unfused` leaves q/k/v and gate/up as separate layers, `+sdpa` keeps SDPA
 torchao int8 weight-only, and the deprecated torch.ao.quantization.quantize_dynamic as a
 comparison only. `fp32+eager_attention` runs the fp32 model with eager attention instead of the
 SDPA an exported folder loads with. Batches are padded, as a model
-gets them, except in `+padding_free` variants (llm_lightning.padding_free packs them).
+gets them, except in `+padding_free` variants (llm_lightning.measure.padding_free packs them).
 It also measures this CPU's matrix-multiply rates (2048^3 `torch.mm` in fp32, `torch._int_mm` in
 int8) and prints each variant's throughput as a fraction of the ceiling they allow: the rate
 divided by 2 x (parameters in linear layers) operations per token.
@@ -22,42 +22,38 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 import types
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from harness import (  # (benchmarks/harness.py)
+    compile_decoder,
+    interleaved_with_probes,
+    layer_matmul_rate,
+    matmul_rate,
+)
 from omegaconf import OmegaConf
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from llm_lightning.bench import (  # noqa: E402
+from llm_lightning.data import load_task
+from llm_lightning.measure.bench import (
     BenchSettings,
     cpu_name,
-    interleaved_throughput,
     measure,
     size_on_disk_mb,
 )
-from llm_lightning.centering import CENTERED  # noqa: E402
-from llm_lightning.compiling import maybe_compile  # noqa: E402
-from llm_lightning.data import load_task  # noqa: E402
-from llm_lightning.models.saved import load_saved  # noqa: E402
-from llm_lightning.onednn_int8 import int8_linear_packed, pack_int8_weight  # noqa: E402
-from llm_lightning.padding_free import padding_free  # noqa: E402
-from llm_lightning.quantize import (  # noqa: E402
-    quantize_model,
-    quantize_with_config,
-    saved_settings,
-    set_attention,
-)
-from llm_lightning.quantized_dir import save_quantized  # noqa: E402
+from llm_lightning.measure.compiling import maybe_compile
+from llm_lightning.measure.padding_free import padding_free
+from llm_lightning.models.saved import load_saved
+from llm_lightning.quantization.centering import CENTERED
+from llm_lightning.quantization.saved import save_quantized
+from llm_lightning.quantization.settings import saved_settings
+from llm_lightning.quantization.torchao_path import quantize_model, quantize_with_config, set_attention
+from llm_lightning.runtime import conf_dir
 
 VARIANTS = (
     "fp32",
@@ -74,7 +70,7 @@ VARIANTS = (
     "int8_dynamic+compile+config+decoder_graph+cpp_wrapper",
     "int8_dynamic+compile+config+decoder_graph+padding_free",
     "int8_dynamic+compile+config+decoder_graph+cpp_wrapper+padding_free",
-    "fp32+padding_free",  # batches packed into unpadded rows (llm_lightning.padding_free)
+    "fp32+padding_free",  # batches packed into unpadded rows (llm_lightning.measure.padding_free)
     "fp32+eager_attention",  # an exported model/ loads with SDPA; this one runs eager attention
     "fp32+eager_attention+padding_free",
     "int8_dynamic+compile+config+padding_free",
@@ -85,52 +81,6 @@ VARIANTS = (
     "int8_weight_only",
     "torch.ao_dynamic",
 )
-
-
-def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Operations per second of one n x n x n matrix multiply (median of `repeats`)."""
-    if dtype == torch.int8:
-        a = torch.randint(-128, 127, (n, n), dtype=torch.int8)
-        b = torch.randint(-128, 127, (n, n), dtype=torch.int8)
-        mm = torch._int_mm
-    else:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        mm = torch.mm
-    mm(a, b)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        mm(a, b)
-        times.append(time.perf_counter() - started)
-    return 2 * n**3 / statistics.median(times)
-
-
-def layer_matmul_rate(model: nn.Module, rows: int, repeats: int = 3) -> Callable[[], float]:
-    """A probe: operations per second of one decoder layer's int8 matmuls alone, on `rows` tokens
-    (a batch's), with oneDNN-packed weights as the centred forward runs them (torch._int_mm where
-    oneDNN is missing): the rate these small shapes allow, against the 2048^3 one."""
-    classifier = getattr(model, "classifier", model)  # under llm_lightning.padding_free's wrapper too
-    first = classifier.model.layers[0]
-    shapes = [(m.in_features, m.out_features) for m in first.modules() if isinstance(m, nn.Linear)]
-    inputs = {k: torch.randint(-128, 127, (rows, k), dtype=torch.int8) for k, _ in shapes}
-    weights = [(k, torch.randint(-128, 127, (n, k), dtype=torch.int8), torch.rand(n)) for k, n in shapes]
-    packed = [(k, pack_int8_weight(w), w.t(), scales) for k, w, scales in weights]
-    ops = sum(2 * rows * k * n for k, n in shapes)
-
-    def once() -> float:
-        started = time.perf_counter()
-        for k, pw, wt, scales in packed:
-            if pw is None:
-                torch._int_mm(inputs[k], wt)
-            else:
-                int8_linear_packed(inputs[k], pw, scales)
-        return time.perf_counter() - started
-
-    def probe() -> float:
-        once()
-        return ops / statistics.median(once() for _ in range(repeats))
-
-    return probe
 
 
 def linear_params(model: nn.Module) -> int:
@@ -162,30 +112,63 @@ def build(variant: str, model_dir: Path, work: Path, qcfg, data, max_length: int
         torch.save(quantized.state_dict(), folder / "weights.pt")
         return quantized, folder, tokenizer, n_linear
     method = variant.split("+")[0]
-    zero_point = "torchao" if variant.endswith("+torchao_zero_point") else "centering"
     if "+config" in variant:  # as `python -m llm_lightning.quantize` does it (alpha `auto`: on val)
         vcfg = OmegaConf.merge(qcfg, {"method": method})
         vcfg.fuse_projections = bool(qcfg.get("fuse_projections")) and "+unfused" not in variant
         if variant.endswith("+sdpa"):
             vcfg.attention = "sdpa"
-        quantized = quantize_with_config(model, tokenizer, vcfg, data, max_length, zero_point=zero_point)
-        settings = saved_settings(vcfg)
+        if variant.endswith("+torchao_zero_point"):
+            quantized, used = torchao_zero_point(model, tokenizer, vcfg, data, max_length)
+        else:
+            quantized, used = quantize_with_config(model, tokenizer, vcfg, data, max_length)
+        settings = saved_settings(used)
     else:
         settings = {"skip": [], "smoothquant_alpha": None, "activations": "symmetric"}
-        quantized = quantize_model(model, method, zero_point=zero_point, **settings)
+        quantized = quantize_model(model, method, **settings)
     folder = save_quantized(quantized, tokenizer, work / variant, method, **settings)
     for module in quantized.modules():
         if getattr(module, CENTERED, False) and variant.endswith("+torchao_linear"):
             module.forward = types.MethodType(_centred_through_torchao, module)
         if getattr(module, CENTERED, False) and variant.endswith("+int_mm"):
-            module.packed_int8_weight = None  # llm_lightning.centering falls back to torchao's _int_mm
+            module.packed_int8_weight = (
+                None  # llm_lightning.quantization.centering falls back to torchao's _int_mm
+            )
     options = {"cpp_wrapper": True} if variant.endswith("+cpp_wrapper") else None
-    scope = "decoder" if "+decoder_graph" in variant else "layers"
-    return maybe_compile(quantized, "+compile" in variant, options, scope), folder, tokenizer, n_linear
+    compiler = compile_decoder if "+decoder_graph" in variant else maybe_compile
+    return compiler(quantized, "+compile" in variant, options), folder, tokenizer, n_linear
+
+
+def torchao_zero_point(model: nn.Module, tokenizer, vcfg, data, max_length: int) -> tuple[nn.Module, dict]:
+    """`quantize_with_config` with torchao's own zero point for asymmetric tokens instead of
+    centring them (torchao re-sums the int8 weights on every call): the comparison the package no
+    longer offers, built from its parts in the same order. Returns (model, settings as used)."""
+    from llm_lightning.quantization.fused_projections import fuse_projections
+    from llm_lightning.quantization.settings import settings_as_used, torchao_config
+    from llm_lightning.quantization.torchao_path import (
+        calibration_inputs,
+        chosen_alpha,
+        quantize_linears,
+        skipped_linears,
+    )
+
+    keep = skipped_linears(model, list(vcfg.get("skip") or []))
+    set_attention(model, vcfg.get("attention"))
+    alpha = vcfg.get("smoothquant_alpha")
+    texts = int(vcfg.calibration_texts)
+    calibration = [] if alpha is None else calibration_inputs(tokenizer, data.train.texts, texts, max_length)
+    base = torchao_config(vcfg.method, activations=vcfg.activations)  # asymmetric: torchao's zero point
+
+    def quantize(each: nn.Module, alpha: float | None) -> nn.Module:
+        if vcfg.get("fuse_projections"):
+            fuse_projections(each.eval(), keep)
+        return quantize_linears(each.eval(), base, keep, alpha, calibration)
+
+    alpha = chosen_alpha(model, tokenizer, vcfg, data, max_length, quantize)
+    return quantize(model, alpha), settings_as_used(vcfg, alpha)
 
 
 def _centred_through_torchao(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """llm_lightning.centering's forward before it quantized by itself (commit 66258c2): torchao's
+    """llm_lightning.quantization.centering's forward before it quantized by itself (commit 66258c2): torchao's
     symmetric int8 linear on the centred tokens, which reduces each token's range a second time."""
     scaled = x if self.act_pre_scale is None else x * self.act_pre_scale
     center = (scaled.amax(dim=-1, keepdim=True) + scaled.amin(dim=-1, keepdim=True)) / 2
@@ -195,7 +178,8 @@ def _centred_through_torchao(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(centred, self.weight, self.bias) + center * self.weight_row_sums.to(x.dtype)
 
 
-def main() -> None:
+def parse_args() -> tuple[argparse.Namespace, list[str]]:
+    """The arguments, and the variants they name (refused when unknown)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -222,7 +206,12 @@ def main() -> None:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown --variants {unknown}; choose from {VARIANTS}")
-    qcfg = OmegaConf.load(ROOT / "conf" / "quantize" / "int8_dynamic.yaml")
+    return args, variants
+
+
+def quantize_config(args: argparse.Namespace):
+    """conf/quantize/int8_dynamic.yaml with the `+config` variants' overrides from the arguments."""
+    qcfg = OmegaConf.load(conf_dir() / "quantize" / "int8_dynamic.yaml")
     if args.skip is not None:
         qcfg.skip = [p for p in args.skip.split(",") if p]
     if args.smoothquant_alpha is not None:
@@ -231,11 +220,17 @@ def main() -> None:
         qcfg.smoothquant_alpha = named[alpha] if alpha in named else float(alpha)
     if args.activations:
         qcfg.activations = args.activations
+    return qcfg
+
+
+def main() -> None:
+    args, variants = parse_args()
+    qcfg = quantize_config(args)
     torch.set_num_threads(args.threads)
     # every compiled variant's decoder layers share one code object, and each variant (inductor
     # options, packed or plain weights) needs its own graphs: 8, torch's default, is too few here
     torch._dynamo.config.recompile_limit = 64
-    task = OmegaConf.load(ROOT / "conf" / "task" / "sentiment.yaml")
+    task = OmegaConf.load(conf_dir() / "task" / "sentiment.yaml")
     data = load_task(task, args.seed)
     test = data.test
     if args.test_limit:
@@ -258,13 +253,30 @@ def main() -> None:
         f"2048^3 matmul: fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, int8 _int_mm {rates['int8'] / 1e9:.0f} GOP/s",
         flush=True,
     )
+    rows, kept = measure_variants(variants, args, qcfg, data, settings, rates, task.max_length)
+    print_table(rows)
+    turns = in_turns(kept, test.texts[: args.texts], args.rounds, task.max_length)
+    if args.json:
+        args.json.write_text(json.dumps({"rates": rates, "rows": rows, "in_turns": turns}, indent=2) + "\n")
+
+
+def measure_variants(
+    variants: list[str],
+    args: argparse.Namespace,
+    qcfg,
+    data,
+    settings: BenchSettings,
+    rates: dict,
+    max_length: int,
+) -> tuple[list[dict], dict]:
+    """One row per variant, built and measured one after another (on `data.test`), and the models
+    kept for the turns (all of them unless `--rounds 0`)."""
+    test = data.test
     rows, kept = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
             started = time.perf_counter()
-            model, folder, tokenizer, n_linear = build(
-                variant, args.model, Path(tmp), qcfg, data, task.max_length
-            )
+            model, folder, tokenizer, n_linear = build(variant, args.model, Path(tmp), qcfg, data, max_length)
             row = measure(model, tokenizer, test.texts, test.labels, settings, path=folder)
             ceiling = rates["int8" if variant.startswith(("int8_dynamic", "torch.ao")) else "fp32"] / (
                 2 * n_linear
@@ -288,15 +300,12 @@ def main() -> None:
                 kept[variant] = (model, tokenizer, n_linear)
             else:
                 del model
-    print_table(rows)
-    turns = in_turns(kept, test.texts[: args.texts], args.rounds, task.max_length)
-    if args.json:
-        args.json.write_text(json.dumps({"rates": rates, "rows": rows, "in_turns": turns}, indent=2) + "\n")
+    return rows, kept
 
 
 def in_turns(kept: dict, texts: list[str], rounds: int, max_length: int) -> dict:
-    """Batch-16 throughput of every kept variant timed in turns (llm_lightning.bench.interleaved_throughput),
-    on the texts in split order and sorted by length; prints a table of ratios to the first variant.
+    """Batch-16 throughput of every kept variant timed in turns (`harness.interleaved_with_probes`), on
+    the texts in split order and sorted by length; prints a table of ratios to the first variant.
 
     The 2048^3 `_int_mm` rate is probed in the same turns, so each int8 variant's share of the
     ceiling it allows (rate / (2 x linear parameters) tokens/s) compares speeds taken together,
@@ -312,8 +321,8 @@ def in_turns(kept: dict, texts: list[str], rounds: int, max_length: int) -> dict
             "int8 _int_mm ops/s": lambda: matmul_rate(torch.int8, repeats=3),
             "layer matmuls ops/s": layer_matmul_rate(next(iter(models.values())), rows),
         }
-        turns[order] = interleaved_throughput(
-            models, tokenizer, texts, 16, rounds, max_length, by_length=order == "by length", probes=probes
+        turns[order] = interleaved_with_probes(
+            models, tokenizer, texts, 16, rounds, max_length, order == "by length", probes
         )
         turns[order]["batch rows"] = rows
     first = next(iter(models))

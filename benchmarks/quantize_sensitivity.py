@@ -12,16 +12,15 @@ giving ||y_int8 - y_fp32|| / ||y_fp32|| over real (non-pad) tokens.
 Variant grammar: `;` separates variants; within one, `+` joins options:
 `all` (every linear int8), `skip=PAT,PAT` (keep those in float; fnmatch on module names),
 `smooth=ALPHA` (torchao SmoothQuant, calibrated on `--calib` training texts), `asym`
-(asymmetric per-token activations, by centring: llm_lightning.centering), `zp` (with asym: by
+(asymmetric per-token activations, by centring: llm_lightning.quantization.centering), `zp` (with asym: by
 torchao's own zero point instead), `fuse` (q/k/v and gate/up stacked into one layer each:
-llm_lightning.fused_projections).
+llm_lightning.quantization.fused_projections).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -30,14 +29,19 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from llm_lightning.bench import pad  # noqa: E402
-from llm_lightning.data import load_task  # noqa: E402
-from llm_lightning.models.saved import load_saved  # noqa: E402
-from llm_lightning.quantize import linear_names, quantize_model, skipped_linears, torchao_config  # noqa: E402
-from llm_lightning.smoothquant_search import agreement, logits  # noqa: E402
+from llm_lightning.data import load_task
+from llm_lightning.data.batching import length_batches, pad
+from llm_lightning.models.saved import load_saved
+from llm_lightning.quantization.fused_projections import fuse_projections
+from llm_lightning.quantization.settings import torchao_config
+from llm_lightning.quantization.smoothquant import agreement, logits
+from llm_lightning.quantization.torchao_path import (
+    linear_names,
+    quantize_linears,
+    quantize_model,
+    skipped_linears,
+)
+from llm_lightning.runtime import conf_dir
 
 
 def parse_variant(spec: str) -> dict:
@@ -60,8 +64,15 @@ def parse_variant(spec: str) -> dict:
 
 
 def quantize(model: nn.Module, variant: dict, calib_rows: list[list[int]]) -> nn.Module:
-    """The variant, through the package's own `quantize_model`."""
+    """The variant, through the package's own `quantize_model`; `zp`: torchao's own zero point for
+    asymmetric tokens (re-summing the weights on every call), built from the package's parts."""
     calibration = [torch.tensor([row]) for row in calib_rows] if variant["smooth"] is not None else []
+    if variant["zp"]:
+        keep = skipped_linears(model, variant["skip"])
+        if variant["fuse"]:
+            fuse_projections(model, keep)
+        base = torchao_config("int8_dynamic", activations="asymmetric")
+        return quantize_linears(model.eval(), base, keep, variant["smooth"], calibration)
     return quantize_model(
         model,
         "int8_dynamic",
@@ -69,7 +80,6 @@ def quantize(model: nn.Module, variant: dict, calib_rows: list[list[int]]) -> nn
         smoothquant_alpha=variant["smooth"],
         calibration=calibration,
         activations="asymmetric" if variant["asym"] else "symmetric",
-        zero_point="torchao" if variant["zp"] else "centering",
         fuse_projections=variant["fuse"],
     )
 
@@ -108,10 +118,9 @@ def per_layer_errors(model: nn.Module, rows: list[list[int]], pad_id: int) -> di
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     with torch.inference_mode():
-        for start in range(0, len(order), 32):
-            ids, mask = pad([rows[i] for i in order[start : start + 32]], pad_id)
+        for idx in length_batches([len(r) for r in rows], 32):
+            ids, mask = pad([rows[i] for i in idx], pad_id)
             real["mask"] = mask.reshape(-1).bool()
             model(input_ids=ids, attention_mask=mask)
     for h in handles:
@@ -156,7 +165,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     variants = [parse_variant(v) for v in args.variants.split(";") if v]
-    task = OmegaConf.load(ROOT / "conf" / "task" / f"{args.task}.yaml")
+    task = OmegaConf.load(conf_dir() / "task" / f"{args.task}.yaml")
     data = load_task(task, args.seed)
     split = getattr(data, args.split)
     texts, labels = split.texts, split.labels

@@ -33,6 +33,7 @@ from llm_lightning.callbacks.finetune import LayerFreeze
 from llm_lightning.data import ClassificationDataModule, load_task
 from llm_lightning.models import load_classifier
 from llm_lightning.module import SequenceClassifier
+from llm_lightning.runtime import conf_dir
 
 SMOLLM2 = dict(source="smollm2", attn_implementation="eager")
 
@@ -120,7 +121,7 @@ def rate(times: list[float], tokens: list[int], skip: int) -> tuple[float, float
     return statistics.median(t), sum(n) / sum(t)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -139,13 +140,17 @@ def main() -> None:
         help="only the plain loop against Lightning's step (bf16-mixed, full); Lightning's overhead "
         "between steps, as make train pays it: benchmarks/lightning_overhead.py",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     L.seed_everything(0)
-    task = OmegaConf.load("conf/task/sentiment.yaml")
+    task = OmegaConf.load(conf_dir() / "task" / "sentiment.yaml")
     data = load_task(task, seed=42)
-    tiny = OmegaConf.merge(OmegaConf.load("conf/model/tiny.yaml"), {"num_layers": 4})
+    tiny = OmegaConf.merge(OmegaConf.load(conf_dir() / "model" / "tiny.yaml"), {"num_layers": 4})
     model_cfg = OmegaConf.create(SMOLLM2) if args.model == "smollm2" else tiny
     model, tok = load_classifier(model_cfg, data.label_names)
     dm = ClassificationDataModule(data, tok, 128, 16, 32, seed=0)
@@ -165,8 +170,21 @@ def main() -> None:
     }
     if args.overhead_only:
         variants = dict(list(variants.items())[:2])
+    results = run_rounds(variants, model, batches, args.rounds, skip)
+    print(
+        f"\nmodel={args.model} threads={torch.get_num_threads()} torch={torch.__version__} "
+        f"batch=16 steps={args.steps}x{args.rounds} "
+        f"real tokens/step={statistics.mean(int(b['attention_mask'].sum()) for b in batches[skip:]):.0f}"
+    )
+    print_results(results)
+
+
+def run_rounds(
+    variants: dict, model, batches: list, rounds: int, skip: int
+) -> dict[str, list[tuple[float, float]]]:
+    """Per variant: (s/step, tokens/s) in each round, the variants run in ABBA order over rounds."""
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
-    for r in range(args.rounds):
+    for r in range(rounds):
         order = list(variants.items())
         if r % 2:  # ABBA order: slow drifts of the machine hit every variant alike
             order.reverse()
@@ -178,13 +196,12 @@ def main() -> None:
             freeze(m, trainable)
             fn = plain_loop if loop == "plain" else lightning_loop
             results[name].append(rate(*fn(m, batches, precision), skip))
-            print(f"round {r + 1}/{args.rounds} {name}: {results[name][-1][1]:.0f} tok/s", flush=True)
+            print(f"round {r + 1}/{rounds} {name}: {results[name][-1][1]:.0f} tok/s", flush=True)
             del m
-    print(
-        f"\nmodel={args.model} threads={torch.get_num_threads()} torch={torch.__version__} "
-        f"batch=16 steps={args.steps}x{args.rounds} "
-        f"real tokens/step={statistics.mean(int(b['attention_mask'].sum()) for b in batches[skip:]):.0f}"
-    )
+    return results
+
+
+def print_results(results: dict[str, list[tuple[float, float]]]) -> None:
     plain = results["plain loop, bf16-mixed, full"]
     full = results["Lightning, bf16-mixed, full"]
     print(

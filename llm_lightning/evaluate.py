@@ -13,13 +13,13 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from llm_lightning.artifacts import write_json
 from llm_lightning.data import ClassificationDataModule, load_task
 from llm_lightning.data.provenance import check_split
 from llm_lightning.errors import UserError
-from llm_lightning.export import write_json
+from llm_lightning.measure.run_report import log_confusion_matrix
 from llm_lightning.models.saved import load_saved
 from llm_lightning.module import SequenceClassifier
-from llm_lightning.report import log_confusion_matrix
 from llm_lightning.runtime import apply_runtime, resolved_precision, run_entry, user_errors
 
 SPLITS = ("test", "val")

@@ -1,7 +1,9 @@
 """The LightningModule: a sequence classifier's steps, metrics and optimizer; nothing else.
 
-Fine-tuning schedules, distillation and pruning are callbacks that reach this module through
-Lightning hooks. Metrics follow lightning-hydra-template's keys: `train/loss`, `val/acc`,
+It is given its training loss (`llm_lightning.distill.losses`: cross-entropy, or distillation,
+whose teacher outputs come with the batch), as torchtune's KD recipe is given `ForwardKLLoss`.
+Fine-tuning schedules, pruning and the teacher's outputs are callbacks that reach this module
+through Lightning hooks. Metrics follow lightning-hydra-template's keys: `train/loss`, `val/acc`,
 `val/acc_best`, `test/f1_macro`.
 """
 
@@ -15,12 +17,21 @@ from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 from transformers import PreTrainedTokenizerBase, get_scheduler
+from typing_extensions import override
 
 from llm_lightning.data.transfer import UNLABELED
+from llm_lightning.distill.losses import (
+    ClassificationLoss,
+    DistillationLoss,
+    labeled_cross_entropy,
+    pooled_last_token,
+)
 from llm_lightning.errors import UserError
+from llm_lightning.models import decoder_parts
 from llm_lightning.models.saved import SAVED_MODEL_KEY, checkpoint_entry
 
 SCHEDULES = ("linear", "cosine", "constant_with_warmup")
+OLD_PROJECTION_KEY = "distill_hidden."
 
 
 class SequenceClassifier(L.LightningModule):
@@ -33,6 +44,11 @@ class SequenceClassifier(L.LightningModule):
         scheduler: `name` (one of SCHEDULES) and `warmup_ratio` of the total optimizer steps.
         tokenizer: the model's tokenizer; saved in every checkpoint beside the model's own config,
             so `llm_lightning.models.saved` rebuilds the model from the checkpoint alone.
+        criterion: the training loss: `ClassificationLoss` (the default) or a `DistillationLoss`,
+            which reads the teacher's outputs from the batch (`teacher_logits`, `teacher_hidden`:
+            the distillation callback adds them). Its parameters (the hidden-state projection)
+            train with the model and are checkpointed with it. Validation and test report the
+            cross-entropy (`loss`) either way.
     """
 
     def __init__(
@@ -42,10 +58,14 @@ class SequenceClassifier(L.LightningModule):
         optimizer: DictConfig | dict,
         scheduler: DictConfig | dict,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        criterion: ClassificationLoss | DistillationLoss | None = None,
     ):
         super().__init__()
         self.model = model.train()  # from_pretrained returns eval mode; dropout (if any) must be on
         self.tokenizer = tokenizer
+        self.criterion = criterion if criterion is not None else ClassificationLoss()
+        self._student_hidden: torch.Tensor | None = None  # the final norm's output, for the hidden term
+        self._hidden_hook = None
         self.label_names = list(label_names)
         self.optimizer_cfg = _plain(optimizer)
         self.scheduler_cfg = _plain(scheduler)
@@ -75,25 +95,17 @@ class SequenceClassifier(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
 
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Cross-entropy over the labeled rows; the distillation callback adds its terms through
-        `extra_losses`. Transfer-set texts (label UNLABELED) have no CE; a batch of only those gets 0."""
-        labels = batch["labels"]
-        labeled = labels != UNLABELED
-        if not labeled.any():
-            return logits.sum() * 0.0
-        return nn.functional.cross_entropy(logits[labeled], labels[labeled])
+        """Cross-entropy over the labeled rows (val/loss, test/loss). Transfer-set texts (label
+        UNLABELED) have no CE; a batch of only those gets 0."""
+        return labeled_cross_entropy(logits, batch["labels"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])
-        ce = self.loss(logits, batch)
-        loss = ce
+        terms = self.training_terms(logits, batch)
+        loss = terms.pop("loss")
         bs = batch["labels"].shape[0]
-        # Callbacks (distillation) add terms here; each is logged on its own, "loss" as train/loss below.
-        for name, term in getattr(self, "extra_losses", lambda *_: {})(logits, batch, ce).items():
-            if name == "loss":
-                loss = term
-            else:
-                self.log(f"train/{name}", term.detach(), on_step=True, on_epoch=True, batch_size=bs)
+        for name, term in terms.items():  # distillation's kd, ce (and hidden), each logged on its own
+            self.log(f"train/{name}", term.detach(), on_step=True, on_epoch=True, batch_size=bs)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         labeled = batch["labels"] != UNLABELED
         if labeled.any():
@@ -105,6 +117,48 @@ class SequenceClassifier(L.LightningModule):
                 f"batch {batch_idx}). Lower optimizer.lr or use precision=32; the last good checkpoint is kept."
             )
         return loss
+
+    def training_terms(self, logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """The criterion on one training batch: `{"loss": total}`, plus distillation's own terms."""
+        if not isinstance(self.criterion, DistillationLoss):
+            return {"loss": self.criterion(logits, batch["labels"])}
+        if "teacher_logits" not in batch:
+            raise RuntimeError(
+                "A DistillationLoss needs the teacher's outputs in the batch (`teacher_logits`); the "
+                "KnowledgeDistillation callback (llm_lightning/callbacks/distill.py) adds them."
+            )
+        progress = self.global_step / max(1, self.trainer.estimated_stepping_batches)
+        schedule = self.criterion.settings.at(progress)
+        self.log_dict({f"distill/{k}": v for k, v in schedule.items()}, on_step=True, on_epoch=False)
+        student_hidden = None
+        if self.criterion.wants_hidden:
+            student_hidden = pooled_last_token(
+                self._student_hidden, batch["input_ids"], self.model.config.pad_token_id
+            )
+        return self.criterion(
+            logits,
+            batch["teacher_logits"],
+            batch["labels"],
+            progress,
+            student_hidden=student_hidden,
+            teacher_hidden=batch.get("teacher_hidden"),
+        )
+
+    @override
+    def setup(self, stage: str) -> None:
+        # After the callbacks' setup (Lightning's order), so after pruning reshaped the model.
+        if stage == "fit" and isinstance(self.criterion, DistillationLoss) and self.criterion.wants_hidden:
+            norm = decoder_parts(self.model)[2][0]
+            self._hidden_hook = norm.register_forward_hook(self._keep_student_hidden)
+
+    @override
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and self._hidden_hook is not None:
+            self._hidden_hook.remove()
+            self._hidden_hook, self._student_hidden = None, None
+
+    def _keep_student_hidden(self, _module, _inputs, output: torch.Tensor) -> None:
+        self._student_hidden = output
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits = self(batch["input_ids"], batch["attention_mask"])
@@ -150,6 +204,14 @@ class SequenceClassifier(L.LightningModule):
         # name remote code or a hub id (llm_lightning/models/saved.py).
         checkpoint[SAVED_MODEL_KEY] = checkpoint_entry(self.model, self.tokenizer)
 
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints written while the distillation callback set the projection on the module
+        # as `distill_hidden` (before issue 20) resume into the criterion that now holds it.
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(OLD_PROJECTION_KEY)]:
+            state["criterion.hidden." + key.removeprefix(OLD_PROJECTION_KEY)] = state.pop(key)
+
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
@@ -192,7 +254,28 @@ class SequenceClassifier(L.LightningModule):
         scheduler = get_scheduler(
             self.scheduler_cfg["name"], optimizer, num_warmup_steps=warmup, num_training_steps=total
         )
+        self._add_criterion_parameters(optimizer, scheduler)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _add_criterion_parameters(self, optimizer: torch.optim.Optimizer, scheduler) -> None:
+        """The loss's own parameters (the hidden-state projection) as a last group, without weight
+        decay, under the model's LR schedule.
+
+        The group joins after the scheduler set the first step's LR and starts from that LR, as
+        when the distillation callback added it in `on_fit_start`, so runs reproduce. With warmup
+        that LR is 0, and LambdaLR scales it, so the projection keeps its initial weights.
+        """
+        params = [p for p in self.criterion.parameters() if p.requires_grad]
+        if not params:
+            return
+        optimizer.add_param_group(
+            {"params": params, "weight_decay": 0.0, "lr": optimizer.param_groups[0]["lr"]}
+        )
+        group = optimizer.param_groups[-1]
+        # LambdaLR keeps one base LR and one lambda per group: give the new group the others'.
+        group.setdefault("initial_lr", group["lr"])
+        scheduler.base_lrs.append(group["initial_lr"])
+        scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
 
 
 def _plain(cfg) -> dict:

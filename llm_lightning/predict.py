@@ -1,23 +1,28 @@
 """Label texts with a saved model: one JSON line per text with the label and all probabilities.
 
-python -m llm_lightning.predict outputs/sentiment/<date>/<time>/model "a gorgeous, moving film" "dull"
-python -m llm_lightning.predict outputs/.../model --file reviews.txt   # one text per line
+    python -m llm_lightning.predict model_path=outputs/sentiment/<date>/<time>/model 'text="a gorgeous, moving film"'
+    python -m llm_lightning.predict model_path=outputs/.../model 'text=["a gorgeous film","dull"]'
+    python -m llm_lightning.predict model_path=outputs/.../model file=reviews.txt   # one text per line
+
+The settings are conf/predict.yaml's (Hydra): `text`, `file`, `encoding`, `batch_size`, `max_length`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import hydra
 import torch
+from omegaconf import DictConfig, ListConfig
 
+from llm_lightning.data.batching import run_by_length
 from llm_lightning.data.readers import decode
-from llm_lightning.errors import MissingFileError
+from llm_lightning.errors import MissingFileError, UserError
 from llm_lightning.models.saved import load_saved
-from llm_lightning.runtime import user_errors
+from llm_lightning.runtime import apply_runtime, run_entry, user_errors
 
 WINDOW_BATCHES = 32  # batches sorted together: more sorts better, fewer shows results sooner
 
@@ -34,19 +39,16 @@ def predict(
     printed when the window is done.
     """
     model.eval()
+
+    def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, attention_mask=mask).logits.float().softmax(-1)
+
     window = batch_size * WINDOW_BATCHES
     for start in range(0, len(texts), window):
         chunk = texts[start : start + window]
         rows = tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]
-        order = sorted(range(len(chunk)), key=lambda i: len(rows[i]))
-        probs: list[torch.Tensor] = [torch.empty(0)] * len(chunk)
-        for first in range(0, len(order), batch_size):
-            idx = order[first : first + batch_size]
-            enc = tokenizer.pad({"input_ids": [rows[i] for i in idx]}, return_tensors="pt")
-            with torch.inference_mode():
-                batch = model(**enc).logits.float().softmax(-1)
-            for i, p in zip(idx, batch, strict=True):
-                probs[i] = p
+        with torch.inference_mode():  # right-padded with the model's pad token, as load_saved sets it
+            probs = run_by_length(rows, batch_size, tokenizer.pad_token_id, forward)
         for text, p in zip(chunk, probs, strict=True):
             yield {
                 "text": text,
@@ -62,32 +64,33 @@ def read_texts(path: str, encoding: str = "utf-8") -> list[str]:
     else:
         file = Path(path).expanduser()
         if not file.is_file():
-            raise MissingFileError(f"--file {path}: no such file (one text per line, or '-' for stdin).")
-        stream = decode(file.read_bytes(), file, encoding, key="--encoding").splitlines()
+            raise MissingFileError(f"file={path}: no such file (one text per line, or '-' for stdin).")
+        stream = decode(file.read_bytes(), file, encoding, key="encoding").splitlines()
     return [line.rstrip("\n") for line in stream if line.strip()]
 
 
+def given_texts(text) -> list[str]:
+    """`text` as a list of texts: one, a list, or none (null). Hydra reads an unquoted `42` or
+    `true` as a number or a boolean: each is labelled as written back, `str()`."""
+    if text is None:
+        return []
+    return [str(t) for t in (text if isinstance(text, ListConfig | list) else [text])]
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
 @user_errors
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m llm_lightning.predict",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("model", help="a run's model/ folder or a checkpoint (.ckpt)")
-    parser.add_argument("texts", nargs="*", help="texts to label")
-    parser.add_argument("--file", help="a file with one text per line ('-' for stdin)")
-    parser.add_argument("--encoding", default="utf-8", help="the --file's text encoding (default utf-8)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=512)
-    args = parser.parse_args(argv)
-    texts = list(args.texts) + (read_texts(args.file, args.encoding) if args.file else [])
+def main(cfg: DictConfig) -> None:
+    texts = given_texts(cfg.text) + (read_texts(str(cfg.file), cfg.encoding) if cfg.file else [])
     if not texts:
-        parser.error("give texts as arguments or --file FILE")
-    model, tokenizer, names = load_saved(args.model)
-    for row in predict(model, tokenizer, names, texts, args.batch_size, args.max_length):
+        raise UserError(
+            'predict has no texts: give \'text="..."\' (or a list, \'text=["...","..."]\') or file=FILE '
+            "(one text per line, '-' for stdin)."
+        )
+    apply_runtime(cfg.runtime)
+    model, tokenizer, names = load_saved(cfg.model_path)
+    for row in predict(model, tokenizer, names, texts, cfg.batch_size, cfg.max_length):
         print(json.dumps(row, ensure_ascii=False), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    run_entry(main)

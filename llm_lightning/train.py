@@ -15,68 +15,47 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from llm_lightning.callbacks import GradualUnfreeze, LayerFreeze, TokenThroughput
+from llm_lightning.artifacts import resolve_ckpt_path, write_json
+from llm_lightning.callbacks import TokenThroughput, finetune_callbacks, stage_callbacks
 from llm_lightning.data import ClassificationDataModule, load_task
 from llm_lightning.data.provenance import PROVENANCE_FILE, check_split, provenance, write_provenance
 from llm_lightning.errors import UserError
-from llm_lightning.export import export_model, write_json
+from llm_lightning.measure.run_report import log_confusion_matrix, log_final_hparams, print_summary
 from llm_lightning.models import load_classifier
+from llm_lightning.models.export import export_model
 from llm_lightning.module import SequenceClassifier
-from llm_lightning.report import log_confusion_matrix, log_final_hparams, print_summary
-from llm_lightning.resume import resolve_ckpt_path
 from llm_lightning.runtime import apply_runtime, resolved_precision, run_entry, user_errors
 
 log = logging.getLogger(__name__)
-METHODS = ("full", "freeze", "gradual_unfreeze", "lora")
-
-
-def finetune_callbacks(cfg) -> list[Callback]:
-    method = cfg.method
-    if method not in METHODS:
-        raise UserError(f"finetune.method={method!r} is not one of {METHODS} (config group `finetune=`).")
-    if method == "full":
-        return [LayerFreeze(None, freeze_embeddings=True)] if cfg.freeze_embeddings else []
-    if method == "freeze":
-        return [LayerFreeze(cfg.trainable_layers, cfg.freeze_embeddings)]
-    if method == "gradual_unfreeze":
-        return [
-            GradualUnfreeze(
-                cfg.trainable_layers,
-                cfg.layers_per_step,
-                cfg.every_n_epochs,
-                cfg.freeze_embeddings,
-                cfg.lr_factor,
-            )
-        ]
-    return []  # lora: peft freezes everything but the adapters and the head
-
-
-def stage_callbacks(cfg: DictConfig) -> list[Callback]:
-    """Distillation and pruning callbacks, chosen by the `distill=` and `prune=` groups."""
-    found: list[Callback] = []
-    if cfg.get("distill") and cfg.distill.method != "none":
-        from llm_lightning.callbacks.distill import distillation_callbacks
-
-        found += distillation_callbacks(cfg)
-    if cfg.get("prune") and cfg.prune.method != "none":
-        from llm_lightning.callbacks.prune import pruning_callbacks
-
-        found += pruning_callbacks(cfg)
-    return found
 
 
 def build_classifier(cfg: DictConfig, label_names):
-    """The model to train: the `model=` source, or under `distill=kd` the student."""
+    """The model to train and its tokenizer: the `model=` source, or under `distill=kd` the
+    student, then with what loading its teacher told (a `TeacherRef`; None without distillation)."""
     if cfg.get("distill") and cfg.distill.method != "none":
-        from llm_lightning.models.student import build_student
+        from llm_lightning.distill.student import build_student
 
-        return build_student(cfg, label_names)
-    return load_classifier(cfg.model, label_names)
+        student = build_student(cfg, label_names)
+        return student.model, student.tokenizer, student.teacher
+    return (*load_classifier(cfg.model, label_names), None)
+
+
+def build_criterion(cfg: DictConfig, model, teacher):
+    """The loss the module trains with: under `distill=kd` a `DistillationLoss`, its hidden-state
+    projection sized from the student's and teacher's widths; else None (cross-entropy)."""
+    if teacher is None:
+        return None
+    from llm_lightning.distill.losses import DistillationLoss, KDSettings
+
+    settings = KDSettings.from_config(cfg.distill)
+    cache = "on" if cfg.distill.cache.enabled else "off"
+    print(f"Distilling from {teacher.spec}: {settings}, cache={cache}", flush=True)
+    return DistillationLoss(settings, model.config.hidden_size, teacher.hidden_size)
 
 
 def with_transfer_set(cfg: DictConfig, data):
@@ -113,12 +92,17 @@ def build(cfg: DictConfig):
     data = with_transfer_set(cfg, data)
     log.info("Data: %s", data.sizes())
     print(f"Data ({cfg.task.name}): {data.sizes()}", flush=True)
-    model, tokenizer = build_classifier(cfg, data.label_names)
+    model, tokenizer, teacher = build_classifier(cfg, data.label_names)
     if cfg.finetune.method == "lora":
         from llm_lightning.models.lora import add_lora
 
         model = add_lora(model, cfg.finetune)
-    module = SequenceClassifier(model, data.label_names, cfg.optimizer, cfg.scheduler, tokenizer=tokenizer)
+    # After LoRA: its adapters draw from the RNG before the hidden-state projection does, as when
+    # the distillation callback made the projection in `setup`, so both start from the same weights.
+    criterion = build_criterion(cfg, model, teacher)
+    module = SequenceClassifier(
+        model, data.label_names, cfg.optimizer, cfg.scheduler, tokenizer=tokenizer, criterion=criterion
+    )
     datamodule = ClassificationDataModule(
         data,
         tokenizer,
@@ -129,7 +113,7 @@ def build(cfg: DictConfig):
         group_by_length=cfg.group_by_length,
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
-    stages = stage_callbacks(cfg)
+    stages = stage_callbacks(cfg, teacher)
     # Structured/depth pruning reshape the layer stack in `setup`: run them before freezing counts layers.
     first = [c for c in stages if getattr(c, "reshapes_model", False)]
     callbacks += first + finetune_callbacks(cfg.finetune) + [c for c in stages if c not in first]
@@ -142,7 +126,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     apply_runtime(cfg.runtime)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("quantize") and cfg.quantize.method != "none":  # quantized after training: check now
-        from llm_lightning.quantize import check_settings
+        from llm_lightning.quantization.settings import check_settings
 
         check_settings(cfg.quantize)
     module, datamodule, tokenizer, callbacks = build(cfg)
@@ -224,7 +208,7 @@ def _finish(cfg, trainer, module, tokenizer, metrics: dict, out: Path, training:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @user_errors
 def main(cfg: DictConfig) -> float | None:
-    from llm_lightning.distributed import shared_config, use_child_command
+    from llm_lightning.runtime.ddp import shared_config, use_child_command
 
     use_child_command()  # DDP ranks rerun this job's overrides in its directory, never the whole sweep
     metrics, _ = train(shared_config(cfg))  # one resolved config (run dir, ${now:}) for every rank

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from llm_lightning.bench import interleaved_throughput, rates_in_turns
+from llm_lightning.measure.bench import interleaved_throughput, rates_in_turns
 
 
 class Recorder(nn.Module):
@@ -53,8 +53,8 @@ def test_each_round_is_reported_and_a_stalled_round_is_the_slowest(tiny):
 
     with torch.inference_mode():  # warm up, as callers do: a cold first round is slow by itself
         model(**tokenizer(TEXTS[:8], padding=True, return_tensors="pt"))
-    rates, probed = rates_in_turns({"m": StallsInRoundTwo()}, tokenizer, TEXTS, batch_size=8, rounds=3)
-    assert probed == {} and len(rates["m"]) == 3
+    rates = rates_in_turns({"m": StallsInRoundTwo()}, tokenizer, TEXTS, batch_size=8, rounds=3)
+    assert list(rates) == ["m"] and len(rates["m"]) == 3
     assert rates["m"][1] == min(rates["m"])
     tokens = sum(len(ids) for ids in tokenizer(TEXTS)["input_ids"])  # real tokens of one round
     assert rates["m"][1] <= tokens / 1.5  # the stalled round took at least 3 x 0.5 s
@@ -64,27 +64,6 @@ def test_names_that_collide_with_the_spread_keys_are_refused(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="collide"):
         interleaved_throughput({"a": model, "a_min": model}, tokenizer, TEXTS[:4], batch_size=4, rounds=1)
-
-
-def test_probes_take_their_turn_after_each_batch_and_report_their_median(tiny):
-    model, tokenizer = tiny
-    log: list[str] = []
-    readings = iter([5.0, 1.0, 3.0, 4.0, 2.0, 6.0])
-
-    def probe() -> float:
-        log.append("probe")
-        return next(readings)
-
-    got = interleaved_throughput(
-        {"a": Recorder(model, "a", log)},
-        tokenizer,
-        TEXTS[:12],
-        batch_size=6,
-        rounds=3,
-        probes={"rate": probe},
-    )
-    assert log == ["a", "probe"] * 6  # after every batch: 2 batches, 3 rounds
-    assert got["rate"] == 3.5 and got["a"] > 0
 
 
 def test_by_length_sorts_texts_so_batches_pad_less(tiny):

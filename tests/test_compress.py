@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import pytest
 from omegaconf import OmegaConf
 
 import llm_lightning.train
-from llm_lightning.checkpoint_io import safe_load
-from llm_lightning.compress import compress, load_chain, merged_overrides, train_stages
+from llm_lightning.artifacts import safe_load
+from llm_lightning.chain.compose import load_chain, merged_overrides
+from llm_lightning.compress import compress, train_stages
 from llm_lightning.errors import UserError
 from tests.conftest import run_module
 
@@ -100,6 +102,12 @@ def test_chain_exports_every_stage_reports_them_and_resumes(chain, monkeypatch):
     assert record(out, "quantized")["fingerprint"] != fingerprint["quantized"]
     assert json.loads((Path(out) / "quantized/quantization.json").read_text())["skip"] == ["score"]
 
+    # `python -m llm_lightning.report` measures a run folder again: the teacher's, on its own
+    remeasured = run_module("llm_lightning.report", f"run_dir={out}/teacher")
+    assert remeasured.returncode == 0, remeasured.stderr[-3000:]
+    row = json.loads((Path(out) / "teacher/report.json").read_text())["stages"][0]
+    assert (row["stage"], row["acc"]) == ("fp32", report["stages"][0]["acc"])
+
 
 def record(out, stage: str) -> dict:
     return json.loads((Path(out) / stage / "stage.json").read_text())
@@ -149,13 +157,12 @@ def test_a_chain_that_does_not_start_from_the_teacher_or_names_a_stage_badly_is_
 
 
 def test_the_default_gradual_recipe_runs_its_stages_in_order(tmp_path):
-    """The default recipe, conf/recipes/gradual_11_layers.yaml, wired end to end on a 20-layer tiny
+    """The default recipe, conf/recipe/gradual_11_layers.yaml, wired end to end on a 20-layer tiny
     model: 15, 3 and 1 layers pruned in turn, each step distilled from the teacher (on 48 transfer
     texts, not 30,000)."""
-    common = "common=[model=tiny,debug=smoke,bench=quick,runtime.threads=1]"
+    common = 'common=["model=tiny","debug=smoke","bench=quick","runtime.threads=1"]'
     chain = load_chain([f"out={tmp_path / 'chain'}", common])
-    assert chain.recipe == "gradual_11_layers"
-    assert list(chain.stages) == [
+    assert list(chain.stages) == [  # the default recipe's
         "teacher",
         "layers15",
         "layers15_more",
@@ -193,15 +200,16 @@ def test_the_default_gradual_recipe_runs_its_stages_in_order(tmp_path):
 
 
 def test_an_unknown_recipe_lists_the_shipped_ones():
-    with pytest.raises(
-        FileNotFoundError,
-        match=r"recipe='gradual'.*shipped recipes: \['gradual_11_layers', 'quick_15_layers'\]",
-    ):
+    with pytest.raises(UserError) as refused:
         load_chain(["recipe=gradual"])
+    assert re.search(
+        r"Could not find 'recipe/gradual'\s+Available options in 'recipe':\s+gradual_11_layers\s+quick_15_layers$",
+        str(refused.value),
+    ), str(refused.value)  # and not Hydra's config search path
 
 
 def test_no_recipe_and_no_stages_is_refused_before_anything_runs(tmp_path):
-    chain = load_chain(["recipe=null", f"out={tmp_path / 'chain'}"])
+    chain = load_chain(["~recipe", f"out={tmp_path / 'chain'}"])
     with pytest.raises(ValueError, match=r"compress stages \[\]: .*key `stages` of the recipe"):
         compress(chain)
     assert not (tmp_path / "chain").exists()
@@ -234,6 +242,10 @@ def test_no_recipe_and_no_stages_is_refused_before_anything_runs(tmp_path):
         ),
         ("task=imdb", r"stage 'distilled' trains on task 'imdb' .* but the teacher on 'sentiment'"),
         ("model.name_or_path=???", r"stage 'distilled' .*leaves \['model.name_or_path'\] unset"),
+        (
+            "${steps.distill}",
+            r"stage 'distilled': .*steps.distill.*the steps of conf/compress.yaml are \['distil'\]",
+        ),
     ],
 )
 def test_a_bad_override_in_the_last_stage_fails_before_the_first_stage_trains(chain, override, error):
@@ -260,30 +272,45 @@ def test_bad_quantize_settings_fail_before_the_first_stage_trains(chain, setting
 
 
 def test_an_unknown_key_on_the_command_line_exits_2_naming_the_nearest_key(tmp_path):
+    """Hydra refuses a key conf/compress.yaml lacks; one added with `+key=` (or written in a recipe)
+    is refused by compress before anything runs, naming the nearest valid key."""
     done = run_module("llm_lightning.compress", "reciep=x", f"out={tmp_path / 'chain'}")
     assert done.returncode == 2, done.stderr[-3000:]
+    assert "Could not override 'reciep'" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = run_module("llm_lightning.compress", "+quantize.compil=false", f"out={tmp_path / 'chain'}")
+    assert done.returncode == 2, done.stderr[-3000:]
     assert (
-        "error: unknown key 'reciep' (did you mean 'recipe'?); valid keys: common, out, quantize"
-        in done.stderr
+        "error: compress: unknown key 'quantize.compil' (did you mean 'quantize.compile'?); valid keys: "
+        "quantize.activations, quantize.attention," in done.stderr
     )
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "chain").exists()
-    with pytest.raises(
-        UserError, match=r"unknown key 'quantize.compil' \(did you mean 'quantize.compile'\?\)"
-    ):
+    with pytest.raises(UserError, match=r"Could not override 'quantize.compil'"):
         load_chain(["quantize.compil=false"])
+    with pytest.raises(
+        UserError,
+        match=r"unknown key 'stagse' \(did you mean 'stages'\?\); valid keys: common, out, quantize, ",
+    ):
+        compress(load_chain(["+stagse.extra=[]", f"out={tmp_path / 'chain'}"]))
+    assert not (tmp_path / "chain").exists()
+
+
+def with_recipe(conf: Path, name: str, chain) -> list[str]:
+    """`chain` written as a recipe of a user's own config folder, and the overrides that pick it."""
+    (conf / "recipe").mkdir(parents=True, exist_ok=True)
+    body = OmegaConf.to_yaml({k: chain[k] for k in ("out", "common", "quantize", "stages")})
+    (conf / "recipe" / f"{name}.yaml").write_text("# @package _global_\n" + body)
+    return [f"hydra.searchpath=[file://{conf}]", f"recipe={name}"]
 
 
 def test_a_rerun_resumes_the_interrupted_stage_and_retrains_only_what_changed(chain, tmp_path, capsys):
     """Trained once; then `pruned` changed and killed mid-stage; then rerun with `distilled` changed:
     teacher is reused, pruned continues from its last.ckpt, distilled (and quantized) are made again."""
-    out, recipe, steps = Path(chain.out), tmp_path / "recipe.yaml", tmp_path / "pruned_steps.log"
+    out, conf, steps = Path(chain.out), tmp_path / "my_conf", tmp_path / "pruned_steps.log"
 
-    def with_stages(**changed) -> None:  # a recipe file, so the killed run reads the same chain
-        stages = {**OmegaConf.to_container(chain.stages), **changed}
-        OmegaConf.save(
-            {"out": chain.out, "common": chain.common, "quantize": chain.quantize, "stages": stages}, recipe
-        )
+    def with_stages(**changed) -> list[str]:  # a recipe file, so the killed run reads the same chain
+        return with_recipe(conf, "mine", {**chain, "stages": {**chain.stages, **changed}})
 
     # the progress bar stays on: off a terminal it is LogProgress, which the mid-epoch resume below
     # must not break (Lightning skips on_train_epoch_start there)
@@ -298,7 +325,7 @@ def test_a_rerun_resumes_the_interrupted_stage_and_retrains_only_what_changed(ch
     kill = ["+callbacks.kill._target_=tests.stage_faults.KillOnceAtStep", "+callbacks.kill.step=3"]
     pruned = [*chain.stages.pruned, *kill, f"+callbacks.kill.log={steps}"]
     with_stages(pruned=pruned)
-    killed = run_module("llm_lightning.compress", f"recipe={recipe}")
+    killed = run_module("llm_lightning.compress", "--config-dir", str(conf), "recipe=mine")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     interrupted = record(out, "pruned")
     assert interrupted["status"] == "running" and interrupted["fingerprint"] != first["pruned"]["fingerprint"]
@@ -306,8 +333,8 @@ def test_a_rerun_resumes_the_interrupted_stage_and_retrains_only_what_changed(ch
     assert (out / "pruned.stale/model/config.json").exists()  # the previous model, kept until replaced
     assert record(out, "distilled") == first["distilled"]
 
-    with_stages(pruned=pruned, distilled=[*chain.stages.distilled, "distill.temperature=3.0"])
-    report = compress(load_chain([f"recipe={recipe}"]))
+    picked = with_stages(pruned=pruned, distilled=[*chain.stages.distilled, "distill.temperature=3.0"])
+    report = compress(load_chain(picked))
     printed = capsys.readouterr().out
     assert steps.read_text().split() == ["0", "2"]  # the killed fit started at 0, the rerun at 2
     assert "[compress] teacher: unchanged since its last run; reused" in printed

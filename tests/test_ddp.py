@@ -10,8 +10,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from llm_lightning import distributed
 from llm_lightning.data.datamodule import LengthGroupedBatches
+from llm_lightning.runtime import ddp as distributed
 from llm_lightning.train import train
 from tests.conftest import make_cfg, run_module
 
@@ -21,7 +21,7 @@ COMMON = ["precision='32'", "callbacks.progress_bar=null", "trainer.max_steps=4"
 
 def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
     # A multirun of one job, with a run dir resolved from ${now:}: Lightning re-runs the command
-    # line for rank 1, which without llm_lightning.distributed would relaunch the sweep itself.
+    # line for rank 1, which without llm_lightning.runtime.ddp would relaunch the sweep itself.
     work = tmp_path / "cwd"
     work.mkdir()
     done = run_module(

@@ -1,19 +1,25 @@
-"""Knowledge distillation: the loss, the student built from the teacher's layers, the teacher-output
-cache, and the errors for a teacher that does not fit."""
+"""Knowledge distillation: the losses, the student built from the teacher's layers, the teacher-output
+cache and the callback that brings it with the batch, and the errors for a teacher that does not fit."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
-from llm_lightning.callbacks.distill import KnowledgeDistillation
-from llm_lightning.callbacks.kd_losses import HiddenStateLoss, KLDivergenceLoss, Schedule
-from llm_lightning.callbacks.teacher_cache import TeacherCache, teacher_outputs
+from llm_lightning.callbacks.distill import CacheSettings, KnowledgeDistillation
 from llm_lightning.data import ClassificationDataModule, load_task
-from llm_lightning.export import export_model
-from llm_lightning.models import load_classifier
-from llm_lightning.models.student import (
+from llm_lightning.data.transfer import UNLABELED
+from llm_lightning.distill.losses import (
+    DistillationLoss,
+    HiddenStateLoss,
+    KDSettings,
+    KLDivergenceLoss,
+    Schedule,
+)
+from llm_lightning.distill.student import (
+    TeacherRef,
     build_student,
     check_same_tokenizer,
     evenly_spaced,
@@ -21,6 +27,9 @@ from llm_lightning.models.student import (
     student_from_teacher,
     weights_sha256,
 )
+from llm_lightning.distill.teacher_cache import TeacherCache
+from llm_lightning.models import load_classifier
+from llm_lightning.models.export import export_model
 from llm_lightning.models.tiny import byte_tokenizer
 from tests.conftest import make_cfg, tiny_model_cfg
 
@@ -86,7 +95,44 @@ def test_schedules_move_between_start_and_end():
     with pytest.raises(ValueError, match="not one of"):
         Schedule(1.0, 2.0, "step")
     with pytest.raises(ValueError, match="alpha must be in"):
-        KnowledgeDistillation("x", "t", alpha=1.5)
+        KDSettings.checked(alpha=1.5)
+    with pytest.raises(
+        ValueError, match=r"temperature must be > 0, got 0; distill.alpha must be in \[0, 1\], got -1"
+    ):
+        KDSettings.checked(temperature=0, alpha=-1)
+    with pytest.raises(ValueError, match=r"alpha_schedule.end must be in \[0, 1\], got 2.0"):
+        KDSettings.checked(alpha_schedule={"end": 2.0, "shape": "linear"})
+    settings = KDSettings.checked(4.0, 0.5, {"end": 1.0, "shape": "linear"}, {"end": 0.1, "shape": "cosine"})
+    assert settings.at(0.5) == {"temperature": 2.5, "alpha": pytest.approx(0.3)}
+    assert str(settings) == "T=4->1 (linear), alpha=0.5->0.1 (cosine), hidden_weight=0.0"
+
+
+def test_distillation_loss_is_alpha_kd_plus_one_minus_alpha_ce_plus_the_hidden_term():
+    g = torch.Generator().manual_seed(2)
+    student = torch.randn(4, 3, generator=g, requires_grad=True)
+    teacher = torch.randn(4, 3, generator=g)
+    labels = torch.tensor([0, UNLABELED, 2, 1])  # a transfer-set row: KD only
+    hidden_s, hidden_t = torch.randn(4, 5, generator=g), torch.randn(4, 8, generator=g)
+    loss = DistillationLoss(KDSettings.checked(3.0, 0.7, hidden_weight=0.5), student_width=5, teacher_width=8)
+    terms = loss(student, teacher, labels, 0.0, student_hidden=hidden_s, teacher_hidden=hidden_t)
+    kd = KLDivergenceLoss()(student, teacher, 3.0)
+    ce = F.cross_entropy(student[[0, 2, 3]], labels[[0, 2, 3]])
+    mse = F.mse_loss(loss.hidden.proj(hidden_s), hidden_t)
+    assert set(terms) == {"kd", "ce", "hidden", "loss"}
+    for name, expected in (
+        ("kd", kd),
+        ("ce", ce),
+        ("hidden", mse),
+        ("loss", 0.7 * kd + (1 - 0.7) * ce + 0.5 * mse),
+    ):
+        torch.testing.assert_close(terms[name], expected, rtol=0, atol=0, msg=name)
+    terms["loss"].backward()
+    assert loss.hidden.proj.weight.grad.abs().sum() > 0  # the projection is the loss's own parameter
+    assert [n for n, _ in loss.named_parameters()] == ["hidden.proj.weight", "hidden.proj.bias"]
+    with pytest.raises(ValueError, match="needs student_hidden and teacher_hidden"):
+        loss(student, teacher, labels)
+    plain = DistillationLoss(KDSettings.checked(3.0, 0.7))
+    assert set(plain(student, teacher, labels)) == {"kd", "ce", "loss"} and not list(plain.parameters())
 
 
 # ---- the student ----
@@ -120,13 +166,24 @@ def test_student_copies_the_kept_layers_embeddings_norm_and_head(teacher_dir):
     assert evenly_spaced(30, 1) == [29] and evenly_spaced(4, 4) == [0, 1, 2, 3]
 
 
-def test_build_student_records_the_kept_layers_in_the_config(teacher_dir, tmp_path):
+def test_build_student_returns_the_kept_layers_and_the_teacher_and_leaves_the_config_alone(
+    teacher_dir, tmp_path
+):
     cfg = make_cfg(tmp_path, ["distill=kd", f"distill.teacher={teacher_dir}", "distill.student.num_layers=2"])
-    student, tok = build_student(cfg, LABELS)
-    assert cfg.distill.student.keep_layers == [0, 2] and len(student.model.layers) == 2
-    assert student.config._attn_implementation == cfg.model.attn_implementation == "eager"
+    before = OmegaConf.to_yaml(cfg)
+    student = build_student(cfg, LABELS)
+    assert student.keep_layers == [0, 2] and len(student.model.model.layers) == 2
+    assert student.model.config.distilled_from == {"keep_layers": [0, 2], "teacher_layers": 3}
+    assert student.model.config._attn_implementation == cfg.model.attn_implementation == "eager"
     teacher, _ = load_teacher(str(teacher_dir), LABELS)
-    assert cfg.distill.teacher_sha256 == weights_sha256(teacher)
+    assert student.teacher == TeacherRef(
+        str(teacher_dir),
+        weights_sha256(teacher),
+        sum(p.numel() for p in teacher.parameters()),
+        teacher.config.hidden_size,
+        "eager",
+    )
+    assert OmegaConf.to_yaml(cfg) == before  # nothing written back into the config
 
 
 # ---- bad input ----
@@ -176,8 +233,8 @@ def test_student_with_another_tokenizer_is_refused(teacher_dir, tmp_path):
             "model.hidden_size=32",
         ],
     )
-    student, _ = build_student(cfg, LABELS)
-    assert student.config.hidden_size == 32
+    student = build_student(cfg, LABELS)
+    assert student.model.config.hidden_size == 32 and student.keep_layers is None
 
 
 # ---- the cache and the callback ----
@@ -191,34 +248,32 @@ def _datamodule(tmp_path, max_length: int = 64):
     return dm
 
 
-def test_cached_loss_equals_uncached_on_the_same_batch(teacher_dir, tmp_path):
+def test_cached_teacher_outputs_equal_uncached_ones_on_the_same_batch(teacher_dir, tmp_path):
     teacher, _ = load_teacher(str(teacher_dir), LABELS)
     dm = _datamodule(tmp_path)
     split = dm.splits["train"]
     cache = TeacherCache(
         tmp_path / "cache", weights_sha256(teacher), "sentiment", 64, "32-true", with_hidden=True
     )
-    cached = KnowledgeDistillation(
-        str(teacher_dir), "sentiment", temperature=3.0, alpha=0.7, hidden_weight=0.0
-    )
+    ref = TeacherRef(str(teacher_dir), weights_sha256(teacher))
+    cached = KnowledgeDistillation(ref, "sentiment", with_hidden=True)
     cached.outputs["train"] = cache.fill(
         teacher, "train", split.input_ids, 0, batch_size=5, log=lambda _: None
     )
-    uncached = KnowledgeDistillation(
-        str(teacher_dir), "sentiment", temperature=3.0, alpha=0.7, use_cache=False
-    )
+    uncached = KnowledgeDistillation(ref, "sentiment", CacheSettings(enabled=False), with_hidden=True)
     uncached.teacher = teacher
     batch = next(iter(dm.train_dataloader()))  # different padding than the fill's length-sorted batches
+    a, b = cached.teacher_batch("train", batch), uncached.teacher_batch("train", batch)
+    assert set(a) == set(b) == {"teacher_logits", "teacher_hidden"}
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    # The same loss either way, from the outputs that come with the batch.
+    loss = DistillationLoss(KDSettings.checked(3.0, 0.7))
     student_logits = torch.randn(batch["labels"].shape[0], 2)
-    ce = F.cross_entropy(student_logits, batch["labels"])
-    a, b = cached.extra_losses(student_logits, batch, ce), uncached.extra_losses(student_logits, batch, ce)
-    assert set(a) == {"kd", "ce", "loss"}
-    torch.testing.assert_close(a["loss"], b["loss"], atol=1e-6, rtol=1e-5)
-    assert a["kd"].item() > 0
-    _, hidden = teacher_outputs(teacher, batch["input_ids"], batch["attention_mask"], with_hidden=True)
-    torch.testing.assert_close(
-        cached.outputs["train"]["hidden"][batch["index"]], hidden, atol=1e-5, rtol=1e-4
-    )
+    la = loss(student_logits, a["teacher_logits"], batch["labels"])
+    lb = loss(student_logits, b["teacher_logits"], batch["labels"])
+    torch.testing.assert_close(la["loss"], lb["loss"], atol=1e-6, rtol=1e-5)
+    assert la["kd"].item() > 0
 
 
 def test_cache_is_reused_and_invalidated_by_a_changed_teacher_or_tokenization(teacher_dir, tmp_path):
@@ -263,7 +318,9 @@ def test_teacher_gets_no_gradient_and_the_projection_trains(teacher_dir, tmp_pat
     assert not teacher.training and all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     for (name, p), q in zip(teacher.named_parameters(), reference.parameters(), strict=True):
         assert torch.equal(p, q), name  # the optimizer never touched the teacher
-    proj = objects["module"].distill_hidden.proj
+    module = objects["module"]
+    assert not hasattr(module, "distill_hidden") and not hasattr(module, "extra_losses")
+    proj = module.criterion.hidden.proj
     assert isinstance(proj, torch.nn.Linear) and proj.weight.shape == (64, 32)
     optimizer = objects["trainer"].optimizers[0]
     assert any(proj.weight is p for g in optimizer.param_groups for p in g["params"])

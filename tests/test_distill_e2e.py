@@ -88,7 +88,8 @@ def test_a_second_run_reuses_the_cache_without_running_the_teacher(runs, tmp_pat
     assert metrics["distill/alpha"] == pytest.approx(0.9) and metrics["distill/temperature"] == pytest.approx(
         4.0
     )
-    assert (root / "cache" / cfg.distill.teacher_sha256[:16]).is_dir()
+    assert (root / "cache" / callback.ref.sha256[:16]).is_dir()
+    assert "teacher_sha256" not in cfg.distill and cfg.distill.student.keep_layers is None  # config untouched
 
 
 @pytest.mark.parametrize(
@@ -124,7 +125,7 @@ def test_prune_then_distil_experiments_shrink_the_student_and_train_it_under_the
     metrics, _ = train(cfg)
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert check(config), config
-    assert cfg.distill.student.keep_layers == [0, 1]  # a full copy first; pruning made it smaller
+    assert config["distilled_from"]["keep_layers"] == [0, 1]  # a full copy first; pruning made it smaller
     assert metrics["train/total_params"] < sum(p.numel() for p in teacher.parameters())
     assert isinstance(metrics["train/kd_epoch"], float) and isinstance(metrics["teacher/test/acc"], float)
     if experiment == "distill_mlp":

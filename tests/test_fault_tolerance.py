@@ -12,11 +12,10 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from llm_lightning import checkpoint_io
-from llm_lightning.checkpoint_io import SafeCheckpointIO, UnsafeCheckpointError, safe_load
+from llm_lightning import artifacts as checkpoint_io
+from llm_lightning.artifacts import SafeCheckpointIO, UnsafeCheckpointError, resolve_ckpt_path, safe_load
 from llm_lightning.data.datamodule import LengthGroupedBatches
 from llm_lightning.models.saved import load_saved
-from llm_lightning.resume import resolve_ckpt_path
 from llm_lightning.train import train
 from tests.conftest import make_cfg, run_module
 
@@ -174,7 +173,7 @@ def test_atomic_dir_gets_the_permissions_of_a_plain_mkdir(tmp_path):
     """mkdtemp makes 0700 folders; an exported model must be readable like any other folder."""
     import os
 
-    from llm_lightning.export import atomic_dir
+    from llm_lightning.artifacts import atomic_dir
 
     umask = os.umask(0o022)
     try:

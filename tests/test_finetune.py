@@ -6,9 +6,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from llm_lightning.callbacks.finetune import GradualUnfreeze, LayerFreeze, decoder_parts
-from llm_lightning.export import export_model
-from llm_lightning.models import load_exported
+from llm_lightning.callbacks.finetune import GradualUnfreeze, LayerFreeze
+from llm_lightning.models import decoder_parts, load_exported
+from llm_lightning.models.export import export_model
 from llm_lightning.train import build, train
 
 LAYERS = ["model.num_layers=4"]

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 from torchao.quantization import Int8Tensor
 
-from llm_lightning.centering import CENTERED
-from llm_lightning.compiling import maybe_compile
-from llm_lightning.fused_projections import GATE_UP, QKV, fuse_projections
+from llm_lightning.measure.compiling import maybe_compile
+from llm_lightning.measure.padding_free import PaddingFree, padding_free
 from llm_lightning.models.saved import load_saved
-from llm_lightning.padding_free import PaddingFree, padding_free
-from llm_lightning.quantize import calibration_inputs, quantize_model
-from llm_lightning.quantized_dir import META_FILE, save_quantized
+from llm_lightning.quantization.centering import CENTERED
+from llm_lightning.quantization.fused_projections import GATE_UP, QKV, fuse_projections
+from llm_lightning.quantization.saved import META_FILE, save_quantized
+from llm_lightning.quantization.torchao_path import calibration_inputs, quantize_model
 from tests.test_quantize import logits
 
 SPLIT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -78,25 +78,20 @@ def test_fused_int8_model_round_trips_through_save_and_load(tiny, tmp_path):
     torch.testing.assert_close(logits(loaded, tokenizer), logits(fused, tokenizer), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("scope", ["layers", "decoder"])
-def test_fused_int8_model_compiles_and_packs(tiny, scope):
+def test_fused_int8_model_compiles_and_packs(tiny):
+    """Each decoder layer compiled (the decoder as one graph: tests/test_bench_harness.py)."""
     model, tokenizer = tiny
     fused = int8(model, tokenizer, True)
     reference = logits(model, tokenizer)
     error = (logits(fused, tokenizer) - reference).abs().max()
-    compiled = maybe_compile(copy.deepcopy(fused), True, scope=scope)
+    compiled = maybe_compile(copy.deepcopy(fused), True)
     decoder = compiled.model
-    assert (decoder._compiled_call_impl is not None) == (scope == "decoder")
-    assert (decoder.layers[0]._compiled_call_impl is not None) == (scope == "layers")
+    assert decoder._compiled_call_impl is None
+    assert all(layer._compiled_call_impl is not None for layer in decoder.layers)
     fast = padding_free(compiled, tokenizer.pad_token_id)
     assert isinstance(fast, PaddingFree)
     # compiled kernels round differently, and packed rows meet other attention kernels
     assert (logits(fast, tokenizer) - reference).abs().max() <= 1.5 * error + 1e-4
-
-
-def test_an_unknown_compile_scope_is_refused(tiny):
-    with pytest.raises(ValueError, match="'model' is not one of .'layers', 'decoder'."):
-        maybe_compile(copy.deepcopy(tiny[0]), True, scope="model")
 
 
 def test_a_group_with_a_skipped_layer_stays_unfused(tiny):

@@ -10,8 +10,8 @@ sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from int8_profile import PARTS, measure  # noqa: E402  (benchmarks/int8_profile.py)
 
-from llm_lightning.compiling import maybe_compile  # noqa: E402
-from llm_lightning.padding_free import padding_free  # noqa: E402
+from llm_lightning.measure.compiling import maybe_compile  # noqa: E402
+from llm_lightning.measure.padding_free import padding_free  # noqa: E402
 from tests.test_fused_projections import int8  # noqa: E402
 
 

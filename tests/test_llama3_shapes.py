@@ -31,7 +31,7 @@ from llm_lightning.errors import UserError
 from llm_lightning.models.saved import load_saved
 from llm_lightning.pruning import prunable_weights, sparsity_report
 from llm_lightning.pruning.structured import check_width_args, valid_remove_heads
-from llm_lightning.quantize import QuantizationUnsupportedError
+from llm_lightning.quantization.settings import QuantizationUnsupportedError
 from llm_lightning.train import train
 from tests.conftest import make_cfg
 

@@ -1,4 +1,4 @@
-"""Padding-free batches (llm_lightning.padding_free): the same logits as padded batches, fewer rows."""
+"""Padding-free batches (llm_lightning.measure.padding_free): the same logits as padded batches, fewer rows."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from llm_lightning.bench import BenchSettings, measure, token_counts
-from llm_lightning.padding_free import PaddingFree, pack_batch, padding_free
-from llm_lightning.quantize import quantize_model
+from llm_lightning.measure.bench import BenchSettings, measure, token_counts
+from llm_lightning.measure.padding_free import PaddingFree, pack_batch, padding_free
+from llm_lightning.quantization.torchao_path import quantize_model
 
 # lengths from 2 to 40 bytes: a batch that packs into fewer rows than texts
 TEXTS = [

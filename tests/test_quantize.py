@@ -12,17 +12,13 @@ from omegaconf import OmegaConf
 from torch import nn
 from torchao.quantization import Int8Tensor
 
-from llm_lightning.compiling import maybe_compile
-from llm_lightning.export import export_model
+from llm_lightning.measure.compiling import maybe_compile
+from llm_lightning.models.export import export_model
 from llm_lightning.models.saved import load_saved
-from llm_lightning.quantize import (
-    METHODS,
-    QuantizationUnsupportedError,
-    check_platform,
-    quantize_model,
-    quantize_run,
-)
-from llm_lightning.quantized_dir import FORMAT_VERSION, META_FILE, save_quantized
+from llm_lightning.quantization.saved import FORMAT_VERSION, META_FILE, save_quantized
+from llm_lightning.quantization.settings import METHODS, QuantizationUnsupportedError, check_settings
+from llm_lightning.quantization.torchao_path import quantize_model
+from llm_lightning.quantize import quantize_run
 from tests.conftest import CONF, make_cfg, run_module
 
 CPU_METHODS = ("int8_dynamic", "int8_weight_only")
@@ -82,7 +78,7 @@ def test_int4_on_cpu_fails_early_saying_what_to_use_instead(tiny):
     # It failed before touching the model.
     assert all(type(w) is nn.Parameter for w in linear_weights(model).values())
     with pytest.raises(QuantizationUnsupportedError):
-        check_platform("int4_weight_only", "cpu")
+        check_settings(OmegaConf.load(CONF / "quantize" / "int4_weight_only.yaml"))
 
 
 def test_compile_flag_compiles_each_decoder_layer(tiny):

@@ -1,7 +1,8 @@
 """`quantize.activations`: symmetric or asymmetric per-token int8 activations.
 
-Asymmetric is done by centring each token (llm_lightning.centering) around torchao's symmetric
-kernel; torchao's own zero-point path (`zero_point="torchao"`) stays for comparison.
+Asymmetric is done by centring each token (llm_lightning.quantization.centering) around torchao's symmetric
+kernel. torchao's own zero point, which the package no longer offers, is built here from
+`torchao_config(..., activations="asymmetric")` to compare with (as benchmarks/quantize.py does).
 """
 
 from __future__ import annotations
@@ -14,17 +15,24 @@ import torch
 import torch.nn.functional as F
 from torchao.quantization import MappingType
 
-from llm_lightning.centering import CENTERED
-from llm_lightning.compiling import maybe_compile
+from llm_lightning.measure.compiling import maybe_compile
 from llm_lightning.models.saved import load_saved
-from llm_lightning.onednn_int8 import packed_matmul_is_exact
-from llm_lightning.quantize import quantize_model
-from llm_lightning.quantized_dir import META_FILE, save_quantized
+from llm_lightning.quantization.centering import CENTERED
+from llm_lightning.quantization.onednn_int8 import packed_matmul_is_exact
+from llm_lightning.quantization.saved import META_FILE, save_quantized
+from llm_lightning.quantization.settings import torchao_config
+from llm_lightning.quantization.torchao_path import quantize_linears, quantize_model
 from tests.test_quantize import logits
 
 
 def int8(model, activations: str, **kwargs):
     return quantize_model(copy.deepcopy(model), "int8_dynamic", activations=activations, **kwargs)
+
+
+def torchao_zero_point(model, smoothquant_alpha: float | None = None, calibration=()):
+    """A copy of `model` in int8_dynamic with torchao's own zero point for the activations."""
+    base = torchao_config("int8_dynamic", activations="asymmetric")
+    return quantize_linears(copy.deepcopy(model).eval(), base, (), smoothquant_alpha, calibration)
 
 
 def quantized_linears(model) -> list[torch.nn.Linear]:
@@ -33,14 +41,15 @@ def quantized_linears(model) -> list[torch.nn.Linear]:
 
 def test_activations_choose_how_every_quantized_layer_quantizes(tiny):
     model, _ = tiny
-    for activations, zero_point, mapping, centred in (
-        ("symmetric", "centering", MappingType.SYMMETRIC, False),
-        ("asymmetric", "centering", MappingType.SYMMETRIC, True),  # centred, then torchao's symmetric kernel
-        ("asymmetric", "torchao", MappingType.ASYMMETRIC, False),
+    for name, quantized, mapping, centred in (
+        ("symmetric", int8(model, "symmetric"), MappingType.SYMMETRIC, False),
+        # centred, then torchao's symmetric kernel
+        ("asymmetric", int8(model, "asymmetric"), MappingType.SYMMETRIC, True),
+        ("torchao's zero point", torchao_zero_point(model), MappingType.ASYMMETRIC, False),
     ):
-        linears = quantized_linears(int8(model, activations, zero_point=zero_point))
+        linears = quantized_linears(quantized)
         assert linears and all(m.weight.act_quant_kwargs.mapping_type == mapping for m in linears)
-        assert all(getattr(m, CENTERED, False) is centred for m in linears), (activations, zero_point)
+        assert all(getattr(m, CENTERED, False) is centred for m in linears), name
 
 
 class OneLayer(torch.nn.Module):
@@ -64,18 +73,16 @@ def offset_layer_error(kind: str, smoothquant: bool) -> float:
     with torch.inference_mode():
         reference = layer(x)
     model = OneLayer(layer)
-    activations = "symmetric" if kind == "symmetric" else "asymmetric"
-    zero_point = "torchao" if kind == "torchao" else "centering"
     # SmoothQuant puts an act_pre_scale into each weight, which centring must see through
     calibration = [x[:1]] if smoothquant else []
-    quantize_model(
-        model,
-        "int8_dynamic",
-        activations=activations,
-        zero_point=zero_point,
-        smoothquant_alpha=0.5 if smoothquant else None,
-        calibration=calibration,
-    )
+    alpha = 0.5 if smoothquant else None
+    if kind == "torchao":
+        model = torchao_zero_point(model, alpha, calibration)
+    else:
+        activations = "symmetric" if kind == "symmetric" else "asymmetric"
+        quantize_model(
+            model, "int8_dynamic", activations=activations, smoothquant_alpha=alpha, calibration=calibration
+        )
     if smoothquant:
         assert model.proj.weight.act_pre_scale is not None
     with torch.inference_mode():
@@ -131,13 +138,13 @@ def test_asymmetric_models_stay_close_to_fp32(tiny):
     model, tokenizer = tiny
     reference = logits(model, tokenizer)
     scale = reference.abs().max()
-    for kwargs in (
-        {"activations": "symmetric"},
-        {"activations": "asymmetric"},
-        {"activations": "asymmetric", "zero_point": "torchao"},
+    for name, quantized in (
+        ("symmetric", int8(model, "symmetric")),
+        ("asymmetric", int8(model, "asymmetric")),
+        ("torchao's zero point", torchao_zero_point(model)),
     ):
-        error = (logits(int8(model, **kwargs), tokenizer) - reference).abs().max()
-        assert 0 < error <= 0.10 * scale, kwargs
+        error = (logits(quantized, tokenizer) - reference).abs().max()
+        assert 0 < error <= 0.10 * scale, name
 
 
 def test_centred_model_round_trips_through_save_and_load(tiny, tmp_path):
@@ -153,7 +160,7 @@ def test_centred_model_round_trips_through_save_and_load(tiny, tmp_path):
 
 def test_format_1_folders_with_torchaos_zero_point_still_load(tiny, tmp_path):
     model, tokenizer = tiny
-    quantized = int8(model, "asymmetric", zero_point="torchao")
+    quantized = torchao_zero_point(model)
     target = save_quantized(quantized, tokenizer, tmp_path / "q", "int8_dynamic", activations="asymmetric")
     meta = json.loads((target / META_FILE).read_text())
     assert meta["centered"] is False
@@ -170,11 +177,6 @@ def test_bad_activations_name_the_choices(tiny):
         ValueError, match=r"quantize.activations='unsigned' is not one of \('symmetric', 'asymmetric'\)"
     ):
         int8(tiny[0], "unsigned")
-
-
-def test_bad_zero_point_names_the_choices(tiny):
-    with pytest.raises(ValueError, match=r"zero_point='midpoint' is not one of \('centering', 'torchao'\)"):
-        int8(tiny[0], "asymmetric", zero_point="midpoint")
 
 
 def test_asymmetric_needs_int8_dynamic(tiny):
@@ -204,7 +206,7 @@ def test_compiled_int8_layers_trace_in_one_graph_each(tiny, activations):
 @pytest.mark.parametrize("shape", [(64, 48), (576, 1536), (1536, 576)], ids=["tiny", "up", "down"])
 def test_packed_onednn_weights_give_what_torch_int_mm_gives(shape):
     """On x86 CPUs the centred forward multiplies by oneDNN's packed copy of each int8 weight
-    (llm_lightning.onednn_int8) instead of torch._int_mm on the plain one: the same integer
+    (llm_lightning.quantization.onednn_int8) instead of torch._int_mm on the plain one: the same integer
     products and scales, so one layer agrees to float rounding, eager and compiled."""
     if not (torch.backends.mkldnn.is_available() and packed_matmul_is_exact()):
         pytest.skip(

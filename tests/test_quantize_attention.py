@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
-from llm_lightning.export import export_model
 from llm_lightning.models import load_exported
+from llm_lightning.models.export import export_model
 from llm_lightning.models.saved import load_saved
-from llm_lightning.quantize import ATTENTIONS, quantize_run
-from llm_lightning.quantized_dir import META_FILE
+from llm_lightning.quantization.saved import META_FILE
+from llm_lightning.quantization.settings import ATTENTIONS
+from llm_lightning.quantize import quantize_run
 from tests.conftest import make_cfg
 from tests.test_quantize import RELATIVE_TOLERANCE, TEXTS
 

@@ -11,10 +11,11 @@ from omegaconf import OmegaConf
 from torch import nn
 from torchao.quantization import Int8Tensor
 
-from llm_lightning.export import export_model
+from llm_lightning.models.export import export_model
 from llm_lightning.models.saved import load_saved
-from llm_lightning.quantize import linear_names, quantize_model, quantize_run, skipped_linears
-from llm_lightning.quantized_dir import META_FILE, save_quantized
+from llm_lightning.quantization.saved import META_FILE, save_quantized
+from llm_lightning.quantization.torchao_path import linear_names, quantize_model, skipped_linears
+from llm_lightning.quantize import quantize_run
 from tests.conftest import CONF, make_cfg
 from tests.test_quantize import linear_weights, logits
 
@@ -99,7 +100,9 @@ def test_quantize_run_reads_quantize_skip_from_the_config(tiny, tmp_path, monkey
     assert isinstance(loaded.model.layers[0].mlp.down_proj.weight, Int8Tensor)
     # A typo fails before the fp32 model is measured (minutes on a real model), not after.
     measured = []
-    monkeypatch.setattr("llm_lightning.stages.measure_stage", lambda *a, **k: measured.append(a[0]))
+    monkeypatch.setattr(
+        "llm_lightning.measure.stage_report.measure_stage", lambda *a, **k: measured.append(a[0])
+    )
     with pytest.raises(ValueError, match=r"\['scores'\] match no linear layer"):
         quantize_run(
             make_cfg(tmp_path, [*overrides, "quantize.skip=[scores]"]), tmp_path / "bad", tmp_path / "model"

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 from torchao.quantization import Int8Tensor
 
-from llm_lightning.export import export_model
+from llm_lightning.models.export import export_model
 from llm_lightning.models.saved import load_saved
-from llm_lightning.quantize import calibration_inputs, quantize_model, quantize_run
-from llm_lightning.quantized_dir import META_FILE, save_quantized
+from llm_lightning.quantization.saved import META_FILE, save_quantized
+from llm_lightning.quantization.torchao_path import calibration_inputs, quantize_model
+from llm_lightning.quantize import quantize_run
 from tests.conftest import make_cfg
 from tests.test_quantize import logits
 
@@ -95,7 +96,7 @@ def test_quantize_run_calibrates_on_the_training_split(tiny, tmp_path, monkeypat
         seen.append((list(texts[:n]), n))
         return real(tok, texts, n, max_length)
 
-    monkeypatch.setattr("llm_lightning.quantize.calibration_inputs", spy)
+    monkeypatch.setattr("llm_lightning.quantization.torchao_path.calibration_inputs", spy)
     cfg = make_cfg(
         tmp_path,
         [

@@ -162,7 +162,9 @@ def test_tampered_run_config_is_ignored_by_evaluate_and_predict(plain, tmp_path,
     assert evaluated["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
     assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], abs=1e-5)
 
-    done = run_module("llm_lightning.predict", str(ckpt), *TEXTS)
+    done = run_module(
+        "llm_lightning.predict", f"model_path={ckpt}", "text=[" + ",".join(f'"{t}"' for t in TEXTS) + "]"
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     expected = list(predict(objects["module"].model, objects["tokenizer"], NAMES, TEXTS))

@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 
-from llm_lightning.export import export_model
-from llm_lightning.quantize import quantize_model, quantize_run
-from llm_lightning.quantized_dir import META_FILE
-from llm_lightning.smoothquant_search import agreement, choose_alpha, logits
-from llm_lightning.stages import report_for_run
+from llm_lightning.measure.stage_report import report_for_run
+from llm_lightning.models.export import export_model
+from llm_lightning.quantization.saved import META_FILE
+from llm_lightning.quantization.smoothquant import agreement, choose_alpha, logits
+from llm_lightning.quantization.torchao_path import quantize_model
+from llm_lightning.quantize import quantize_run
 from tests.conftest import make_cfg
 
 TEXTS = ["a gorgeous, moving film", "dull and far too long", "fine", "an utter mess of a plot", "I laughed"]
@@ -72,7 +73,7 @@ def test_quantize_run_with_auto_tunes_on_validation_and_saves_the_number(tiny, t
         seen["chosen"], results = real(model, quantize, rows, pad_id, candidates)
         return seen["chosen"], results
 
-    monkeypatch.setattr("llm_lightning.smoothquant_search.choose_alpha", spy)
+    monkeypatch.setattr("llm_lightning.quantization.smoothquant.choose_alpha", spy)
     overrides = [
         "quantize=int8_dynamic",
         "quantize.compile=false",
@@ -84,6 +85,7 @@ def test_quantize_run_with_auto_tunes_on_validation_and_saves_the_number(tiny, t
     ]
     cfg = make_cfg(tmp_path, overrides)
     quantize_run(cfg, tmp_path)
+    assert cfg.quantize.smoothquant_alpha == "auto"  # the alpha chosen is returned, not written into cfg
     from llm_lightning.data import load_task
 
     data = load_task(cfg.task, cfg.seed)
@@ -99,7 +101,17 @@ def test_quantize_run_with_auto_tunes_on_validation_and_saves_the_number(tiny, t
     assert f"smoothquant_alpha={seen['chosen']}" in (tmp_path / "report.md").read_text()
     # measured again from the run's config, which still says `auto`: the saved number is reported
     again = report_for_run(tmp_path, make_cfg(tmp_path, overrides))
-    assert again["quantize"]["smoothquant_alpha"] == seen["chosen"]
+    assert again["quantize"] == report["quantize"]
+    # the same loop loads and measures the same folders: the same answers, text by text
+    assert again["per_text"] == report["per_text"]
+    assert (
+        [s["stage"] for s in again["stages"]]
+        == [s["stage"] for s in report["stages"]]
+        == [
+            "fp32",
+            "int8_dynamic",
+        ]
+    )
 
 
 def test_auto_needs_validation_texts_and_sane_candidates(tiny):

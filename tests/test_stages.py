@@ -12,16 +12,19 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from llm_lightning.bench import BenchSettings, _percentile, measure
 from llm_lightning.data.tasks import Split, TaskData
-from llm_lightning.stages import (
-    COLUMNS,
+from llm_lightning.measure.bench import BenchSettings, _percentile, measure
+from llm_lightning.measure.report_files import COLUMNS
+from llm_lightning.measure.stage_report import (
     NoTestSplitError,
     SpeedGateError,
+    Stage,
     measure_stage,
     report_for_run,
+    report_stages,
     write_report,
 )
+from llm_lightning.models.export import export_model
 
 QUICK = BenchSettings(batch_sizes=(16, 32), throughput_texts=32, latency_texts=4, repeats=1)
 MEASURED_KEYS = (
@@ -231,3 +234,39 @@ def test_report_needs_a_test_split(tiny, tmp_path):
 def test_report_for_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"\.hydra/config.yaml"):
         report_for_run(tmp_path)
+
+
+def test_report_stages_loads_measures_and_reports_each_folder_in_order(tiny, tmp_path, one_thread):
+    """The one loop behind `quantize`, `compress` and `report_for_run`: each stage loaded from its
+    folder, measured as measure_stage measures it, the settings given recorded as they are."""
+    model, tokenizer = tiny
+    export_model(model, tokenizer, tmp_path / "model")
+    data = task_data()
+    cfg = OmegaConf.create({"bench": {"throughput_texts": 32, "latency_texts": 4, "repeats": 1}})
+    stages = [
+        Stage("teacher", tmp_path / "model", compressed=False),
+        Stage("again", tmp_path / "model", "teacher", compressed=False),
+    ]
+    quantize = {"method": "int8_dynamic", "smoothquant_alpha": 0.4}
+    report = report_stages(stages, data, cfg, tmp_path / "out", quantize)
+    first, second = report["stages"]
+    assert (first["stage"], first["input"], second["stage"], second["input"]) == (
+        "teacher",
+        None,
+        "again",
+        "teacher",
+    )
+    assert first["path"] == second["path"] == str(tmp_path / "model")
+    assert not second["compressed"] and second["vs_first_agreement"] == 1.0  # the same model twice
+    with torch.inference_mode():
+        enc = tokenizer(data.test.texts, padding=True, return_tensors="pt")
+        expected = model(**enc).logits.argmax(-1).tolist()
+    assert report["per_text"]["predictions"] == {"teacher": expected, "again": expected}
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["quantize"] == quantize
+    assert (
+        "Quantization settings: method=int8_dynamic, smoothquant_alpha=0.4"
+        in (tmp_path / "out" / "report.md").read_text()
+    )
+    with pytest.raises(NoTestSplitError):
+        report_stages(stages, TaskData(data.train, data.val, Split([], []), data.label_names), cfg, tmp_path)

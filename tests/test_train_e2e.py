@@ -110,7 +110,9 @@ def test_predict_prints_label_and_probabilities(tiny_run, tmp_path):
     out, _ = tiny_run
     texts = tmp_path / "texts.txt"
     texts.write_text("a gorgeous film\n\nutterly dull\n")
-    done = run_module("llm_lightning.predict", str(out / "model"), "one more", "--file", str(texts))
+    done = run_module(
+        "llm_lightning.predict", f"model_path={out / 'model'}", 'text="one more"', f"file={texts}"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["text"] for r in rows] == ["one more", "a gorgeous film", "utterly dull"]

@@ -83,11 +83,26 @@ def test_quantize_refuses_an_unknown_method_before_reading_the_model(tmp_path):
 
 def test_predict_names_a_missing_or_undecodable_file(tmp_path):
     missing = tmp_path / "reviews.txt"
-    done = run_module("llm_lightning.predict", str(tmp_path / "model"), "--file", str(missing))
-    assert_user_error(done, str(missing))
+    done = run_module("llm_lightning.predict", f"model_path={tmp_path / 'model'}", f"file={missing}")
+    assert_user_error(done, f"file={missing}: no such file")
     missing.write_bytes(b"good\n\xff\xfe bad bytes\n")
-    done = run_module("llm_lightning.predict", str(tmp_path / "model"), "--file", str(missing))
-    assert_user_error(done, "offset 5", "--encoding")
+    done = run_module("llm_lightning.predict", f"model_path={tmp_path / 'model'}", f"file={missing}")
+    assert_user_error(done, "offset 5", "encoding=latin-1")
+
+
+def test_predict_without_texts_or_a_model(tmp_path):
+    done = run_module("llm_lightning.predict", f"model_path={tmp_path / 'model'}")
+    assert_user_error(done, "predict has no texts", "text=", "file=FILE")
+    assert_user_error(run_module("llm_lightning.predict", "text=dull"), "model_path")
+    done = run_module("llm_lightning.predict", "text=dull", "txet=dull")  # an unknown key: Hydra's refusal
+    assert_user_error(done, "Could not override 'txet'")
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
+    done = run_module("llm_lightning.report", f"run_dir={tmp_path}")
+    assert_user_error(done, str(tmp_path / ".hydra" / "config.yaml"), "task and seed")
+    assert list(tmp_path.iterdir()) == []  # nothing written there, no .hydra/ of its own
+    assert_user_error(run_module("llm_lightning.report"), "run_dir")
 
 
 def test_hydra_full_error_still_shows_the_traceback(tmp_path):

@@ -18,17 +18,7 @@ from torch import nn
 from typing_extensions import override
 
 from llm_lightning.errors import UserError
-
-
-def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, list[nn.Module]]:
-    """(embeddings, decoder layers, [final norm, head]) of an HF decoder classifier, plain or
-    wrapped by peft."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not (hasattr(base, "model") and hasattr(base, "score")):
-        raise TypeError(
-            f"Expected a *ForSequenceClassification with .model and .score, got {type(base).__name__}"
-        )
-    return base.model.embed_tokens, base.model.layers, [base.model.norm, base.score]
+from llm_lightning.models import decoder_parts
 
 
 class LayerFreeze(BaseFinetuning):
@@ -99,7 +89,7 @@ class GradualUnfreeze(LayerFreeze):
         self.make_trainable(list(layers)[len(layers) - self.unfrozen :])
         super().on_fit_start(trainer, pl_module)  # on resume: puts back the unfrozen layers' param groups
         for optimizer in trainer.optimizers:  # and one LR lambda per group, before the scheduler state loads
-            _extend_schedulers(trainer, optimizer)
+            extend_schedulers(trainer, optimizer)
 
     @override
     def freeze_before_training(self, pl_module) -> None:
@@ -120,12 +110,12 @@ class GradualUnfreeze(LayerFreeze):
         newly = list(layers)[len(layers) - target : len(layers) - self.unfrozen]
         lr = optimizer.param_groups[0]["lr"] * self.lr_factor
         self.unfreeze_and_add_param_group(newly, optimizer, lr=lr)
-        _extend_schedulers(pl_module.trainer, optimizer)
+        extend_schedulers(pl_module.trainer, optimizer)
         self.unfrozen = target
         pl_module.log("train/trainable_params", float(pl_module.trainable_parameters()))
 
 
-def _extend_schedulers(trainer, optimizer) -> None:
+def extend_schedulers(trainer, optimizer) -> None:
     """LambdaLR keeps one base LR per param group; give the new groups the same schedule
     (otherwise `zip` in LambdaLR.step silently leaves them at a constant LR)."""
     for config in trainer.lr_scheduler_configs:

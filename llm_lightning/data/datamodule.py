@@ -14,8 +14,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from llm_lightning.data.batching import length_batches, pad
+from llm_lightning.data.resumable import ResumableLoader
 from llm_lightning.data.tasks import Split, TaskData
-from llm_lightning.resume import ResumableLoader
 
 
 class TokenizedSplit(Dataset):
@@ -37,7 +38,8 @@ class TokenizedSplit(Dataset):
 
 class LengthGroupedBatches(Sampler[list[int]]):
     """Shuffled batches of similar-length texts: shuffle, cut into windows of `window` batches,
-    sort each window by length, batch it, and shuffle the batches. Seeded per epoch.
+    sort each window by length, batch it, and shuffle the batches. Seeded per epoch. (Not
+    `length_batches`, which sorts a whole split: training batches must stay random.)
 
     Under DDP the batches are built at the global size (`batch_size` x `world_size`) and each
     rank takes every `world_size`-th example of each: the ranks never share an example, and one
@@ -97,12 +99,8 @@ class LengthGroupedBatches(Sampler[list[int]]):
 
 def collate(pad_id: int):
     def fn(items: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(x["input_ids"]) for x in items)
-        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, x in enumerate(items):  # right padding: the classifier pools the last real token
-            ids[row, : len(x["input_ids"])] = torch.tensor(x["input_ids"])
-            mask[row, : len(x["input_ids"])] = 1
+        # right padding: the classifier pools the last real token
+        ids, mask = pad([x["input_ids"] for x in items], pad_id)
         return {
             "input_ids": ids,
             "attention_mask": mask,
@@ -186,11 +184,9 @@ class ClassificationDataModule(L.LightningDataModule):
         Under DDP each rank evaluates every `world_size`-th example (the metrics sync across ranks).
         """
         split = self.splits[name]
-        order = sorted(range(len(split)), key=split.lengths().__getitem__)
         trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1:
-            order = order[trainer.global_rank :: trainer.world_size]
-        batches = [order[i : i + self.eval_batch_size] for i in range(0, len(order), self.eval_batch_size)]
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        batches = length_batches(split.lengths(), self.eval_batch_size, rank, world)
         return self._loader(split, batch_sampler=batches)
 
     def val_dataloader(self) -> DataLoader:

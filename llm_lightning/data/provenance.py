@@ -24,10 +24,10 @@ import json
 import logging
 from pathlib import Path
 
+from llm_lightning.artifacts import write_json
 from llm_lightning.data.tasks import Split, TaskData
 from llm_lightning.data.transfer import UNLABELED
 from llm_lightning.errors import SplitMismatchError
-from llm_lightning.export import write_json
 
 log = logging.getLogger(__name__)
 

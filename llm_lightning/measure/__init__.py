@@ -1,2 +1,3 @@
-"""The measurement room: how models are measured and compared (paired statistics for now; the
-bench, padding-free batches, the compile helper and the stage report will move here later)."""
+"""How models are measured and compared: the bench (accuracy, latency, throughput, memory),
+padding-free batches, the compile helper, paired statistics, the training run's TensorBoard
+summary and the per-stage report."""

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -16,6 +17,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from llm_lightning.data.batching import with_pad_token
 from llm_lightning.errors import MissingFileError, UserError
 
 SOURCES = ("smollm2", "hf", "tiny")
@@ -83,25 +85,6 @@ def _from_pretrained(
     return with_pad_token(model, tokenizer)
 
 
-def with_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
-    """Set the pad token, right padding and no KV cache.
-
-    Llama ships no pad token; the classifier pools the last non-pad token, so it must know one.
-
-    Padding is on the right, and the pooled token is the rightmost non-pad one, so reusing
-    EOS as pad is safe as long as inputs do not end in EOS (we never append it).
-    """
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    tokenizer.padding_side = "right"
-    model.config.pad_token_id = tokenizer.pad_token_id
-    # A classifier never generates: with the default use_cache=True every forward also fills a
-    # KV cache it throws away, and torch.compile recompiles each decoder layer for it (one guard
-    # per layer index) until it hits the recompile limit and runs the rest eagerly.
-    model.config.use_cache = False
-    return model, tokenizer
-
-
 def load_exported(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a `model/` folder written by a run (plain transformers, safetensors only)."""
     model_dir = Path(model_dir)
@@ -122,3 +105,14 @@ def load_exported(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTok
             f"custom code): {str(err).strip()}"
         ) from err
     return with_pad_token(model, tokenizer)
+
+
+def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, list[nn.Module]]:
+    """(embeddings, decoder layers, [final norm, head]) of an HF decoder classifier, plain or
+    wrapped by peft."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not (hasattr(base, "model") and hasattr(base, "score")):
+        raise TypeError(
+            f"Expected a *ForSequenceClassification with .model and .score, got {type(base).__name__}"
+        )
+    return base.model.embed_tokens, base.model.layers, [base.model.norm, base.score]

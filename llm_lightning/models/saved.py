@@ -36,9 +36,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from llm_lightning.checkpoint_io import safe_load
+from llm_lightning.artifacts import safe_load
+from llm_lightning.data.batching import with_pad_token
 from llm_lightning.errors import MissingFileError, UserError
-from llm_lightning.models import load_exported, with_pad_token
+from llm_lightning.models import load_exported
 
 SAVED_MODEL_KEY = "llm_lightning_model"
 FORMAT = 1
@@ -51,15 +52,21 @@ REFUSED_CONFIG_KEYS = ("auto_map", "quantization_config")
 
 
 def load_saved(path: str | Path):
-    """Return (model, tokenizer, label_names) from a `model/` folder or a `.ckpt` file."""
+    """Return (model, tokenizer, label_names) from a `model/`, `quantized/` or runtime (ONNX Runtime,
+    OpenVINO) folder, or a `.ckpt` file."""
     path = Path(path).expanduser()
     if not path.exists():
         raise MissingFileError(f"No model at {path}: pass a run's `model/` folder or a checkpoint (.ckpt).")
     if path.is_dir():
-        from llm_lightning.quantized_dir import is_quantized_dir, load_quantized
+        from llm_lightning.quantization.saved import is_quantized_dir, load_quantized
+        from llm_lightning.runtimes import is_runtime_dir, load_runtime_dir
 
-        # a quantized/ folder (quantization.json + torchao weights), see llm_lightning/quantized_dir.py
-        model, tokenizer = load_quantized(path) if is_quantized_dir(path) else load_exported(path)
+        if is_runtime_dir(path):  # an ONNX Runtime or OpenVINO export (llm_lightning/runtimes/)
+            model, tokenizer = load_runtime_dir(path)
+        elif is_quantized_dir(path):  # quantization.json + torchao weights (llm_lightning/quantization/saved.py)
+            model, tokenizer = load_quantized(path)
+        else:
+            model, tokenizer = load_exported(path)
         names = [model.config.id2label[i] for i in range(model.config.num_labels)]
         return model, tokenizer, names
     return _from_checkpoint(path)

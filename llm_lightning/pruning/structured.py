@@ -142,6 +142,64 @@ def check_width_args(config, mlp_sparsity: float, remove_heads: int, heads_mode:
         raise UserError("Bad structured pruning request:\n  " + "\n  ".join(problems))
 
 
+class _UnitScores:
+    """Per-layer importance sums of the MLP neurons and query heads, fed by forward pre-hooks on
+    `down_proj` and `o_proj` (their inputs are the units' activations)."""
+
+    def __init__(self, layers: nn.ModuleList, method: str):
+        self.method = method
+        self.head_dim = layers[0].self_attn.head_dim
+        self.n_heads = layers[0].self_attn.o_proj.in_features // self.head_dim
+        self.mlp = torch.zeros(len(layers), layers[0].mlp.down_proj.in_features)
+        self.heads = torch.zeros(len(layers), self.n_heads)
+        self.mask: torch.Tensor | None = None  # the current batch's attention mask, (B, T)
+
+    def hook(self, i: int, kind: str):
+        def watch(module, args):
+            a = args[0]
+            mask = self.mask[..., None].to(a.dtype)
+            if self.method == "taylor":
+                a.register_hook(lambda g: self.add_taylor(i, kind, a.detach(), g, mask))
+                return
+            with torch.no_grad():
+                self.add_activation(i, kind, module, a, mask)
+
+        return watch
+
+    def add_activation(
+        self, i: int, kind: str, module: nn.Linear, a: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        if kind == "mlp":
+            self.mlp[i] += ((a.abs() * mask).sum((0, 1)) * module.weight.norm(dim=0)).float().cpu()
+            return
+        # contribution of each head to the residual: (B, T, H, hidden)
+        w = module.weight.view(module.out_features, self.n_heads, self.head_dim)
+        contrib = torch.einsum("bthd,ohd->btho", a.view(*a.shape[:2], self.n_heads, self.head_dim), w)
+        self.heads[i] += (contrib.norm(dim=-1) * mask).sum((0, 1)).float().cpu()
+
+    def add_taylor(self, i: int, kind: str, a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor) -> None:
+        score = (a * g).abs() * mask
+        if kind == "mlp":
+            self.mlp[i] += score.sum((0, 1)).float().cpu()
+        else:
+            self.heads[i] += (
+                score.view(*score.shape[:2], self.n_heads, self.head_dim).sum((0, 1, 3)).float().cpu()
+            )
+
+
+def _forward(model: nn.Module, batch: dict, method: str) -> None:
+    """One batch through the model: with the loss's backward for `taylor` (the hooks read the
+    gradients), without gradients for `activation`."""
+    if method == "taylor":
+        with torch.enable_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nn.functional.cross_entropy(logits.float(), batch["labels"]).backward()
+        model.zero_grad(set_to_none=True)
+    else:
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
 def width_importance(
     model: nn.Module,
     batches: Iterable[dict],
@@ -159,66 +217,26 @@ def width_importance(
     """
     if method not in IMPORTANCES:
         raise UserError(f"prune.importance={method!r} is not one of {IMPORTANCES}.")
-    llama = llama_of(model)
-    layers = llama.layers
-    head_dim = layers[0].self_attn.head_dim
-    n_heads = layers[0].self_attn.o_proj.in_features // head_dim
-    mlp = torch.zeros(len(layers), layers[0].mlp.down_proj.in_features)
-    heads = torch.zeros(len(layers), n_heads)
-    tokens = 0
-    state: dict = {}
-
-    def watch(i: int, kind: str):
-        def hook(module, args):
-            a = args[0]
-            mask = state["mask"][..., None].to(a.dtype)
-            if method == "taylor":
-                a.register_hook(lambda g: _taylor(i, kind, a.detach(), g, mask))
-                return
-            with torch.no_grad():
-                if kind == "mlp":
-                    mlp[i] += ((a.abs() * mask).sum((0, 1)) * module.weight.norm(dim=0)).float().cpu()
-                else:  # contribution of each head to the residual: (B, T, H, hidden)
-                    w = module.weight.view(module.out_features, n_heads, head_dim)
-                    contrib = torch.einsum("bthd,ohd->btho", a.view(*a.shape[:2], n_heads, head_dim), w)
-                    heads[i] += (contrib.norm(dim=-1) * mask).sum((0, 1)).float().cpu()
-
-        return hook
-
-    def _taylor(i, kind, a, g, mask):
-        score = (a * g).abs() * mask
-        if kind == "mlp":
-            mlp[i] += score.sum((0, 1)).float().cpu()
-        else:
-            heads[i] += score.view(*score.shape[:2], n_heads, head_dim).sum((0, 1, 3)).float().cpu()
-
+    layers = llama_of(model).layers
+    scores = _UnitScores(layers, method)
     handles = []
     for i, layer in enumerate(layers):
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(watch(i, "mlp")))
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(watch(i, "heads")))
-    was_training = model.training
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(scores.hook(i, "mlp")))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(scores.hook(i, "heads")))
+    was_training, tokens = model.training, 0
     model.eval()
     try:
         for batch in batches:
-            state["mask"] = batch["attention_mask"]
+            scores.mask = batch["attention_mask"]
             tokens += int(batch["attention_mask"].sum())
-            if method == "taylor":
-                with torch.enable_grad():
-                    logits = model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                    ).logits
-                    nn.functional.cross_entropy(logits.float(), batch["labels"]).backward()
-                model.zero_grad(set_to_none=True)
-            else:
-                with torch.no_grad():
-                    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            _forward(model, batch, method)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
     if tokens == 0:
         raise UserError("No task batches reached the importance estimate; raise prune.batches.")
-    return mlp / tokens, heads / tokens
+    return scores.mlp / tokens, scores.heads / tokens
 
 
 def plan_width(

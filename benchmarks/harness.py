@@ -1,0 +1,106 @@
+"""What only the benchmarks choose, kept out of the package: the decoder compiled as one graph, and
+probes (the CPU's matmul rates: `matmul_rate`, `layer_matmul_rate`) timed in turns with the models.
+
+Imported as a sibling module (`from harness import ...`): `python benchmarks/X.py` puts
+benchmarks/ first on the module path.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from llm_lightning.measure.bench import check_turn_names, round_rates, spread, turn_batches, turns
+from llm_lightning.measure.compiling import constant_cpu_probes, maybe_compile
+from llm_lightning.quantization.onednn_int8 import int8_linear_packed, pack_int8_weight
+
+
+def compile_decoder(model: nn.Module, compile: bool, options: dict | None = None) -> nn.Module:
+    """`maybe_compile`, but the decoder (`model.model`) compiled in place as one graph: no
+    per-layer guards and calls, but every layer is traced and compiled (the 30-layer SmolLM2 int8
+    model: 1.06-1.12x faster, for 162 s of cold compiling instead of 25 s per batch-shape family;
+    docs/BENCHMARKS.md, "Where the int8 model's time goes"). A model without `.model` is compiled
+    as `maybe_compile` compiles it."""
+    decoder = getattr(model, "model", None)
+    if not compile or not isinstance(decoder, nn.Module):
+        return maybe_compile(model, compile, options)
+    constant_cpu_probes()
+    decoder.compile(dynamic=True, options=options)
+    return model
+
+
+def interleaved_with_probes(
+    models: dict[str, nn.Module],
+    tokenizer,
+    texts: Sequence[str],
+    batch_size: int,
+    rounds: int,
+    max_length: int,
+    by_length: bool,
+    probes: dict[str, Callable[[], float]],
+) -> dict[str, float]:
+    """`llm_lightning.measure.bench.interleaved_throughput`, with `probes` (name -> a function
+    returning a rate, e.g. the CPU's int8 matmul rate) run after every batch's models, so a
+    ceiling they measure drifts with the models; each probe's median reading under its name."""
+    check_turn_names(models, probes)
+    batches = turn_batches(tokenizer, texts, batch_size, max_length, by_length)
+    readings: dict[str, list[float]] = {name: [] for name in probes}
+
+    def probed(steps: Iterable[tuple[int, dict[str, float]]]) -> Iterator[tuple[int, dict[str, float]]]:
+        for step in steps:
+            yield step
+            for name, probe in probes.items():  # between this batch and the next
+                readings[name].append(probe())
+
+    rates = round_rates(probed(turns(models, batches, rounds)), batches, models)
+    return spread(rates) | {name: statistics.median(values) for name, values in readings.items()}
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Operations per second of one n x n x n matrix multiply (median of `repeats`)."""
+    if dtype == torch.int8:
+        a = torch.randint(-128, 127, (n, n), dtype=torch.int8)
+        b = torch.randint(-128, 127, (n, n), dtype=torch.int8)
+        mm = torch._int_mm
+    else:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        mm = torch.mm
+    mm(a, b)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        mm(a, b)
+        times.append(time.perf_counter() - started)
+    return 2 * n**3 / statistics.median(times)
+
+
+def layer_matmul_rate(model: nn.Module, rows: int, repeats: int = 3) -> Callable[[], float]:
+    """A probe: operations per second of one decoder layer's int8 matmuls alone, on `rows` tokens
+    (a batch's), with oneDNN-packed weights as the centred forward runs them (torch._int_mm where
+    oneDNN is missing): the rate these small shapes allow, against the 2048^3 one."""
+    classifier = getattr(model, "classifier", model)  # under llm_lightning.measure.padding_free's wrapper too
+    first = classifier.model.layers[0]
+    shapes = [(m.in_features, m.out_features) for m in first.modules() if isinstance(m, nn.Linear)]
+    inputs = {k: torch.randint(-128, 127, (rows, k), dtype=torch.int8) for k, _ in shapes}
+    weights = [(k, torch.randint(-128, 127, (n, k), dtype=torch.int8), torch.rand(n)) for k, n in shapes]
+    packed = [(k, pack_int8_weight(w), w.t(), scales) for k, w, scales in weights]
+    ops = sum(2 * rows * k * n for k, n in shapes)
+
+    def once() -> float:
+        started = time.perf_counter()
+        for k, pw, wt, scales in packed:
+            if pw is None:
+                torch._int_mm(inputs[k], wt)
+            else:
+                int8_linear_packed(inputs[k], pw, scales)
+        return time.perf_counter() - started
+
+    def probe() -> float:
+        once()
+        return ops / statistics.median(once() for _ in range(repeats))
+
+    return probe

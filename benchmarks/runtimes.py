@@ -1,0 +1,125 @@
+"""The runtimes users deploy on, side by side with ours, on one model: build each with its own tools,
+then accuracy (paired with the first), batch-16 throughput in turns and batch-1 latency.
+
+    flock /tmp/heavy.lock python benchmarks/runtimes.py outputs/sentiment/<run>/model \\
+        --also torch_int8=outputs/sentiment/<run>/quantized --out outputs/runtimes/<run>
+
+Builds, from MODEL_DIR (a `model/` folder): ONNX Runtime fp32 and int8 (`quantize_dynamic`, and
+`quantize_static` calibrated on training texts), OpenVINO fp32 (f32 hint), bf16 (its precision hint:
+bf16 only where the CPU has it) and int8 (`nncf.quantize`, ModelType.TRANSFORMER, SmoothQuant), with
+llm_lightning.runtimes (the `quantize=` exports). `--also NAME=PATH` adds saved models (e.g. the
+project's `quantized/` folder). Then benchmarks/compare.py's measurement: every model scored on all
+test texts and compared text by text with MODEL_DIR (paired bootstrap, McNemar), tokens/s timed in
+turns batch by batch, padded per batch, split order and sorted by length; plus the median batch-1
+latency (p50/p95 over `--latency-texts` texts) and each build's seconds and size on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from compare import in_turns, load_all, print_table
+from omegaconf import OmegaConf
+
+from llm_lightning.data import load_task
+from llm_lightning.data.provenance import check_split, read_provenance
+from llm_lightning.measure.bench import BenchSettings, cpu_name, measure, size_on_disk_mb
+from llm_lightning.models.saved import load_saved
+from llm_lightning.runtime import conf_dir
+from llm_lightning.runtimes.build import export_runtime
+
+BUILDS = {  # name -> (quantize= choice, its settings)
+    "ort_fp32": ("onnx", {}),
+    "ort_int8_dynamic": ("onnx_int8", {"onnx_mode": "dynamic"}),
+    "ort_int8_static": ("onnx_int8", {"onnx_mode": "static", "calibration_texts": 300}),
+    "ov_fp32": ("openvino", {}),
+    "ov_bf16": ("openvino_bf16", {}),
+    "ov_int8": ("openvino_int8", {"calibration_texts": 300}),
+}
+
+
+def build_all(model_dir: Path, out: Path, names: list[str], train_texts, max_length: int) -> dict[str, Path]:
+    built = {}
+    for name in names:
+        choice, settings = BUILDS[name]
+        model, tokenizer, _ = load_saved(model_dir)  # a fresh copy: exporters may change the module
+        started = time.perf_counter()
+        path = export_runtime(
+            model,
+            tokenizer,
+            choice,
+            out / name,
+            train_texts,
+            max_length,
+            OmegaConf.create(settings),
+            read_provenance(model_dir)[0],
+        )
+        print(
+            f"  built {name}: {time.perf_counter() - started:.0f} s, {size_on_disk_mb(path):.0f} MB",
+            flush=True,
+        )
+        built[name] = path
+    return built
+
+
+def latencies(models: dict, test, count: int, max_length: int) -> None:
+    print(f"\nBatch-1 latency over the first {count} test texts (median of 3 runs per text):")
+    print("| model | p50 ms | p95 ms |\n|---|---|---|")
+    settings = BenchSettings(
+        batch_sizes=(1,), throughput_texts=1, latency_texts=count, max_length=max_length, padding_free=False
+    )
+    for name, (model, tokenizer, *_) in models.items():
+        row = measure(model, tokenizer, test.texts[:count], test.labels[:count], settings)
+        print(f"| {name} | {row['latency_p50_ms']:.1f} | {row['latency_p95_ms']:.1f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model_dir", type=Path, help="a run's model/ folder: the fp32 baseline")
+    parser.add_argument("--out", type=Path, default=Path("outputs/runtimes"))
+    parser.add_argument("--only", nargs="+", choices=list(BUILDS), default=list(BUILDS))
+    parser.add_argument("--also", nargs="*", default=[], help="NAME=PATH saved models to add")
+    parser.add_argument("--texts", type=int, default=128, help="test texts per throughput pass")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--latency-texts", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=42, help="the training run's seed: the same test split")
+    parser.add_argument(
+        "--allow-split-mismatch", action="store_true", help="score on splits other than training.json's"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch._dynamo.config.recompile_limit = 64
+    task = OmegaConf.load(conf_dir() / "task" / "sentiment.yaml")
+    data = load_task(task, args.seed)
+    check_split(args.model_dir, task, args.seed, data, allow=args.allow_split_mismatch)
+    print(
+        f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}; {len(data.test)} test texts",
+        flush=True,
+    )
+    paths = {"torch_fp32": (args.model_dir, None)}
+    paths |= {
+        k: (p, None)
+        for k, p in build_all(args.model_dir, args.out, args.only, data.train.texts, task.max_length).items()
+    }
+    paths |= {name: (Path(path), None) for name, _, path in (spec.partition("=") for spec in args.also)}
+    options = argparse.Namespace(padding_free=False, texts=args.texts)
+    models = load_all(paths, data.test, task.max_length, options)
+    texts = list(data.test.texts[: args.texts])
+    print_table(
+        models,
+        in_turns(models, texts, args.rounds, task.max_length),
+        list(data.test.labels),
+        args.rounds,
+        len(texts),
+    )
+    latencies(models, data.test, args.latency_texts, task.max_length)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Every check of a `quantize=` config, in one place, before anything is trained or measured.
+
+`check_settings` collects every problem of a config and raises one error that lists them all, one
+a line (as litgpt's argument checks do), each naming the key, the value seen and the choices. The
+library functions that take one of these values on its own (`set_attention`, `choose_alpha`,
+`torchao_config`) word their errors with the same `*_problem` functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from llm_lightning.errors import UnsupportedError, UserError
+from llm_lightning.runtimes import CHOICES as RUNTIME_EXPORTS
+from llm_lightning.runtimes import require as require_runtime
+from llm_lightning.runtimes.onnx import MODES as ONNX_MODES
+
+TORCHAO_METHODS = ("int8_dynamic", "int8_weight_only", "int4_weight_only")
+# torchao's methods give a quantized/ folder this package loads; the runtime exports
+# (llm_lightning.runtimes) give a folder ONNX Runtime or OpenVINO loads on its own
+METHODS = ("none", *TORCHAO_METHODS, *RUNTIME_EXPORTS)
+ACTIVATIONS = ("symmetric", "asymmetric")  # int8_dynamic's per-token activation scales
+ATTENTIONS = ("eager", "sdpa")  # quantize.attention: transformers' attention kernels on CPU
+AUTO = "auto"  # quantize.smoothquant_alpha: picked on the validation split (quantization.smoothquant)
+DEFAULT_CANDIDATES = (0.3, 0.4, 0.5, 0.6, 0.7)  # the alphas `auto` tries
+# What a config that leaves a key out gets; conf/quantize/*.yaml spell each one out.
+DEFAULT_GROUP_SIZE = 128  # int4: input features that share one weight scale (torchao's default)
+DEFAULT_CALIBRATION_TEXTS = 64  # training texts that measure SmoothQuant's per-channel maxima
+DEFAULT_ACTIVATIONS = "symmetric"
+
+
+class QuantizationUnsupportedError(UnsupportedError):
+    """The chosen quantization has no kernel on this platform."""
+
+
+def method_problem(method: object, require: bool = False) -> str | None:
+    """`require`: the caller is about to quantize, so `none` is a problem too."""
+    if method not in METHODS:
+        return f"quantize.method={method!r} is not one of {METHODS} (config group `quantize=`)."
+    if require and method == "none":
+        return (
+            f"quantize.method='none' leaves nothing to quantize; choose one of {METHODS[1:]} "
+            "(config group `quantize=`)."
+        )
+    return None
+
+
+def smoothquant_problems(method: str, alpha: object, calibration_texts: int) -> list[str]:
+    if alpha is None:
+        return []
+    problems = []
+    if method != "int8_dynamic":
+        problems.append(
+            f"quantize.smoothquant_alpha={alpha} needs quantize=int8_dynamic (it evens out the "
+            f"activations that int8_dynamic quantizes); quantize.method is {method!r}: set it to null."
+        )
+    if alpha != AUTO and not (isinstance(alpha, int | float) and 0.0 <= float(alpha) <= 1.0):
+        problems.append(
+            f"quantize.smoothquant_alpha={alpha!r} must be in [0, 1] (0.5 is SmoothQuant's usual), "
+            f"{AUTO!r} (picked on the validation split) or null (off)."
+        )
+    if calibration_texts < 1:
+        problems.append(
+            f"SmoothQuant needs calibration texts, got {calibration_texts} "
+            "(quantize.calibration_texts >= 1, and a non-empty training split)."
+        )
+    return problems
+
+
+def candidates_problem(candidates: Sequence) -> str | None:
+    if candidates and all(isinstance(a, int | float) and 0.0 <= float(a) <= 1.0 for a in candidates):
+        return None
+    return f"quantize.smoothquant_candidates={list(candidates)}: give one or more alphas in [0, 1]."
+
+
+def validation_problem(texts: int) -> str | None:
+    if texts >= 1:
+        return None
+    return (
+        "quantize.smoothquant_alpha=auto picks alpha on the validation split, and this task "
+        "has no validation texts: set quantize.smoothquant_alpha to a number (0.5 is usual)."
+    )
+
+
+def activations_problem(method: str, activations: object) -> str | None:
+    if activations not in ACTIVATIONS:
+        return f"quantize.activations={activations!r} is not one of {ACTIVATIONS}."
+    if activations == "asymmetric" and method != "int8_dynamic":
+        return (
+            f"quantize.activations='asymmetric' needs quantize=int8_dynamic (the only choice that "
+            f"quantizes activations); quantize.method is {method!r}: set it to symmetric."
+        )
+    return None
+
+
+def attention_problem(attention: object) -> str | None:
+    if attention is None or attention in ATTENTIONS:
+        return None
+    return (
+        f"quantize.attention={attention!r} is not one of {ATTENTIONS}, or null to keep the "
+        "attention kernel the model was loaded with."
+    )
+
+
+def torchao_config(method: str, group_size: int = DEFAULT_GROUP_SIZE, activations: str = DEFAULT_ACTIVATIONS):
+    """The torchao `quantize_` config for a method (not `none`).
+
+    `activations="asymmetric"` is torchao's own zero point, which re-sums the weights on every
+    call; the package quantizes asymmetric tokens by centring them and asking for symmetric
+    (llm_lightning.quantization.centering). Benchmarks and tests build the zero point from it to compare.
+    """
+    from torchao.quantization import (
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        MappingType,
+    )
+
+    if problem := method_problem(method):
+        raise UserError(problem)
+    if method == "int8_dynamic":  # per-token int8 activations, per-row int8 weights: torch._int_mm
+        mapping = MappingType.ASYMMETRIC if activations == "asymmetric" else MappingType.SYMMETRIC
+        return Int8DynamicActivationInt8WeightConfig(act_mapping_type=mapping)
+    if method == "int8_weight_only":  # int8 weights dequantized inside the fp32 matmul
+        return Int8WeightOnlyConfig()
+    if method == "int4_weight_only":
+        # tile_packed_to_4d is torchao's tinygemm layout, the one int4 path with a non-GPU-library kernel.
+        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
+    raise UserError("quantize.method=none has no torchao config; there is nothing to quantize.")
+
+
+def _platform_problem(method: str, device: str, group_size: int) -> tuple[str, Exception] | None:
+    """Quantize a small probe layer first, so an unsupported choice fails at once with advice,
+    not halfway into a model with a torchao assertion. Reached from `check_settings` only."""
+    from torchao.quantization import quantize_
+
+    dtype = torch.bfloat16 if method == "int4_weight_only" else torch.float32
+    probe = nn.Sequential(nn.Linear(group_size, group_size)).to(device=device, dtype=dtype)
+    try:
+        quantize_(probe, torchao_config(method, group_size))
+        with torch.inference_mode():
+            probe(torch.randn(2, group_size, device=device, dtype=dtype))
+    except (ImportError, NotImplementedError, AssertionError, RuntimeError) as e:
+        import torchao
+
+        return (
+            f"quantize.method={method!r} cannot run on this platform ({device}, torch {torch.__version__}, "
+            f"torchao {torchao.__version__}): {type(e).__name__}: {str(e).strip()[:200]}. "
+            + (
+                "torchao's int4 weight-only kernels need CUDA (tinygemm) or the mslk GPU library. "
+                if method == "int4_weight_only"
+                else ""
+            )
+            + "On a CPU use quantize=int8_dynamic (int8 activations and weights; fastest here) "
+            "or quantize=int8_weight_only.",
+            e,
+        )
+    return None
+
+
+def check_settings(qcfg: Mapping, data=None, *, device: str = "cpu", require_method: bool = False) -> None:
+    """Every check of a `quantize=` config (or a dict of its keys) that needs no model: the method,
+    that this platform runs it on `device`, SmoothQuant, activations, attention; with the task's
+    `data`, that SmoothQuant has calibration texts and `auto` a validation split.
+
+    Raises one UserError listing every problem, one a line; a QuantizationUnsupportedError (a
+    UserError too) when the platform is among them. `require_method`: `none` is a problem as well.
+    """
+    method = qcfg.get("method")
+    problems = [p for p in (method_problem(method, require_method),) if p]
+    if problems or method == "none":  # every other key says how to quantize with the method
+        _raise(problems)
+        return
+    if method in RUNTIME_EXPORTS:
+        _raise(runtime_problems(qcfg, data))
+        return
+    platform = _platform_problem(method, device, qcfg.get("group_size", DEFAULT_GROUP_SIZE))
+    if platform:
+        problems.append(platform[0])
+    alpha = qcfg.get("smoothquant_alpha")
+    texts = int(qcfg.get("calibration_texts", DEFAULT_CALIBRATION_TEXTS))
+    problems += smoothquant_problems(method, alpha, texts if data is None else (len(data.train) and texts))
+    problems += [activations_problem(method, qcfg.get("activations", DEFAULT_ACTIVATIONS))]
+    problems += [attention_problem(qcfg.get("attention"))]
+    if alpha == AUTO and method == "int8_dynamic":
+        problems += [candidates_problem(qcfg.get("smoothquant_candidates") or DEFAULT_CANDIDATES)]
+        problems += [validation_problem(len(data.val))] if data is not None else []
+    _raise([p for p in problems if p], platform[1] if platform else None)
+
+
+def runtime_problems(qcfg: Mapping, data=None) -> list[str]:
+    """A runtime export's settings: its packages installed, the ONNX mode, calibration texts."""
+    problems = []
+    try:
+        require_runtime(qcfg.get("method"))
+    except UserError as err:
+        problems.append(str(err))
+    mode = qcfg.get("onnx_mode")
+    if mode is not None and mode not in ONNX_MODES:
+        problems.append(f"quantize.onnx_mode={mode!r} is not one of {ONNX_MODES}.")
+    texts = int(qcfg.get("calibration_texts") or 1)
+    if texts < 1 or (
+        data is not None and RUNTIME_EXPORTS[qcfg.get("method")][1] == "int8" and len(data.train) < 2
+    ):
+        problems.append(
+            f"quantize.calibration_texts={texts}: int8 calibrates on training texts (>= 1, and a training split)."
+        )
+    return problems
+
+
+def _raise(problems: list[str], unsupported: Exception | None = None) -> None:
+    if problems:
+        error = QuantizationUnsupportedError if unsupported is not None else UserError
+        raise error("\n".join(problems)) from unsupported
+
+
+def saved_settings(qcfg: Mapping) -> dict:
+    """The accuracy settings of a `quantize=` config (or of `settings_as_used`), as `save_quantized`
+    keyword arguments."""
+    return {
+        "skip": list(qcfg.get("skip") or []),
+        "smoothquant_alpha": qcfg.get("smoothquant_alpha"),
+        "activations": qcfg.get("activations", DEFAULT_ACTIVATIONS),
+    }
+
+
+def settings_as_used(qcfg: Mapping, smoothquant_alpha: float | str | None) -> dict:
+    """The `quantize=` config as a plain dict, with the SmoothQuant alpha the model was made with
+    (`auto` replaced by the number it chose): what quantization.json and the report record.
+    The config itself is left as it is."""
+    used = OmegaConf.to_container(qcfg, resolve=True) if isinstance(qcfg, DictConfig) else dict(qcfg)
+    if "smoothquant_alpha" in used or smoothquant_alpha is not None:
+        used["smoothquant_alpha"] = smoothquant_alpha
+    return used

@@ -1,0 +1,135 @@
+"""Runtime exports (quantize=onnx_int8 | openvino_int8 | openvino_bf16) on the tiny model: each folder
+loads with its runtime alone (the README snippet, in a process that never imports llm_lightning),
+its logits are within a stated tolerance of fp32 torch, and the project loads it like any saved model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from llm_lightning.errors import UnsupportedError
+from llm_lightning.models.saved import load_saved
+from llm_lightning.runtimes import require
+from llm_lightning.runtimes.build import export_runtime
+from llm_lightning.runtimes.folder import snippet_code
+
+TEXTS = [f"review {i}: " + "a good film " * (i % 5) + "dull " * (i % 3) for i in range(48)]
+SNIPPET_TEXTS = ["A moving, funny and beautifully acted film.", "Dull, and far too long."]
+# Largest |logit - fp32 torch logit| allowed (this tiny model's logits are ~0.15 in size). fp32
+# computes the same graph: rounding only. bf16 where the CPU has it (else OpenVINO computes f32).
+# int8 of a random model (no trained structure to keep): measured 0.009 (onnx) and 0.037 (openvino).
+TOLERANCE = {"openvino": 1e-5, "openvino_bf16": 0.02, "onnx_int8": 0.05, "openvino_int8": 0.05}
+INT8_MARKERS = {"onnx_int8": b"DynamicQuantizeLinear", "openvino_int8": b"FakeQuantize"}
+
+
+@pytest.fixture(scope="module")
+def folders(tiny, tmp_path_factory):
+    model, tokenizer = tiny
+    root = tmp_path_factory.mktemp("runtimes")
+    return {c: export_runtime(model, tokenizer, c, root / c, TEXTS, 64) for c in TOLERANCE}
+
+
+def _torch_logits(tiny, texts):
+    model, tokenizer = tiny
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).logits.numpy()
+
+
+@pytest.mark.parametrize("choice", list(TOLERANCE))
+def test_the_readme_snippet_runs_with_the_runtime_alone(folders, tiny, choice):
+    folder = folders[choice]
+    code = snippet_code((folder / "README.md").read_text())
+    code = code.replace(
+        "print(", "import sys; assert 'llm_lightning' not in sys.modules; print(logits.tolist()); print("
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", code], cwd=folder, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    logits = np.array(json.loads(lines[-2]))
+    reference = _torch_logits(tiny, SNIPPET_TEXTS)
+    assert np.abs(logits - reference).max() <= TOLERANCE[choice]
+    labels = json.loads((folder / "config.json").read_text())["id2label"]
+    assert lines[-1] == str([labels[str(i)] for i in logits.argmax(-1)])
+
+
+@pytest.mark.parametrize("choice", list(TOLERANCE))
+def test_load_saved_gives_a_classifier_within_tolerance(folders, tiny, choice):
+    model, tokenizer, names = load_saved(folders[choice])
+    assert names == ["negative", "positive"]
+    enc = tokenizer(TEXTS[:12], padding=True, truncation=True, max_length=64, return_tensors="pt")
+    got = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.numpy()
+    reference = _torch_logits(tiny, TEXTS[:12])
+    assert np.abs(got - reference).max() <= TOLERANCE[choice]
+    assert model.parameter_count > 0.9 * sum(p.numel() for p in tiny[0].parameters())
+
+
+@pytest.mark.parametrize("choice", list(INT8_MARKERS))
+def test_int8_folders_hold_quantized_graphs(folders, choice):
+    model_file = folders[choice] / json.loads((folders[choice] / "runtime.json").read_text())["model"]
+    assert INT8_MARKERS[choice] in model_file.read_bytes()
+
+
+def test_a_missing_runtime_names_the_extra_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a)
+    )
+    with pytest.raises(UnsupportedError, match=r"openvino_int8 needs nncf.*pip install -e \"\.\[deploy\]\""):
+        require("openvino_int8")
+    require("openvino_bf16")  # bf16 needs only openvino itself
+
+
+@pytest.mark.parametrize("choice", ["onnx_int8", "openvino_int8", "openvino_bf16"])
+def test_predict_and_evaluate_take_a_runtime_folder(folders, tiny, choice, tmp_path):
+    from conftest import CONF
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from llm_lightning.evaluate import evaluate
+    from llm_lightning.predict import predict
+
+    model, tokenizer, names = load_saved(folders[choice])
+    rows = list(predict(model, tokenizer, names, TEXTS[:6]))
+    expected = list(predict(tiny[0], tiny[1], ["negative", "positive"], TEXTS[:6]))
+    assert [r["text"] for r in rows] == TEXTS[:6]
+    for got, want in zip(rows, expected, strict=True):  # probabilities of the same logits, within tolerance
+        assert abs(got["probs"]["positive"] - want["probs"]["positive"]) <= TOLERANCE[choice]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[f"model_path={folders[choice]}", "task.limit=24"])
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path)
+    metrics = evaluate(cfg)
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["model_path"] == str(folders[choice])
+    assert (tmp_path / "metrics.json").exists()
+
+
+def test_quantize_writes_a_runtime_folder_and_reports_it(tmp_path):
+    """`train ... quantize=onnx_int8`: the export is the run's quantized/ stage, checked and
+    measured like torchao's (report rows for fp32 and the export, the export's data record)."""
+    from conftest import run_module
+
+    done = run_module(
+        "llm_lightning.train",
+        "model=tiny",
+        "debug=smoke",
+        "quantize=onnx_int8",
+        "bench=quick",
+        "quantize.calibration_texts=16",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((tmp_path / "quantized" / "runtime.json").read_text())["runtime"] == "onnxruntime"
+    assert (tmp_path / "quantized" / "training.json").exists()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["fp32", "onnx_int8"]
+    assert report["stages"][1]["params"] > 0
