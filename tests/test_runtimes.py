@@ -133,3 +133,30 @@ def test_quantize_writes_a_runtime_folder_and_reports_it(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert [s["stage"] for s in report["stages"]] == ["fp32", "onnx_int8"]
     assert report["stages"][1]["params"] > 0
+
+
+def test_runtime_settings_are_checked_with_the_others():
+    from omegaconf import OmegaConf
+
+    from llm_lightning.errors import UserError
+    from llm_lightning.quantization.settings import check_settings
+
+    bad = OmegaConf.create({"method": "onnx_int8", "onnx_mode": "fast", "calibration_texts": 0})
+    with pytest.raises(UserError) as err:
+        check_settings(bad)
+    assert "quantize.onnx_mode='fast' is not one of ('dynamic', 'static')" in str(err.value)
+    assert "quantize.calibration_texts=0 must be >= 1" in str(err.value)
+    check_settings(OmegaConf.create({"method": "openvino_bf16"}))  # no calibration: nothing to check
+
+
+def test_a_runtime_folder_with_an_unknown_precision_is_refused(folders, tmp_path):
+    import shutil
+
+    from llm_lightning.errors import UserError
+    from llm_lightning.runtimes import RUNTIME_FILE, load_runtime_dir
+
+    copy = shutil.copytree(folders["openvino"], tmp_path / "copy")
+    meta = json.loads((copy / RUNTIME_FILE).read_text())
+    (copy / RUNTIME_FILE).write_text(json.dumps({**meta, "precision": "int4"}))
+    with pytest.raises(UserError, match=r"precision='int4' is not one of \['bf16', 'fp32', 'int8'\]"):
+        load_runtime_dir(copy)

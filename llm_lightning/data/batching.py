@@ -24,15 +24,21 @@ def with_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
     Padding is on the right, and the pooled token is the rightmost non-pad one, so reusing
     EOS as pad is safe as long as inputs do not end in EOS (we never append it).
     """
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    tokenizer.padding_side = "right"
+    right_padded(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     # A classifier never generates: with the default use_cache=True every forward also fills a
     # KV cache it throws away, and torch.compile recompiles each decoder layer for it (one guard
     # per layer index) until it hits the recompile limit and runs the rest eagerly.
     model.config.use_cache = False
     return model, tokenizer
+
+
+def right_padded(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The tokenizer with a pad token (EOS, else UNK, where it has none) and right padding."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    return tokenizer
 
 
 def pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -202,12 +202,15 @@ def runtime_problems(qcfg: Mapping, data=None) -> list[str]:
     mode = qcfg.get("onnx_mode")
     if mode is not None and mode not in ONNX_MODES:
         problems.append(f"quantize.onnx_mode={mode!r} is not one of {ONNX_MODES}.")
-    texts = int(qcfg.get("calibration_texts") or 1)
-    if texts < 1 or (
-        data is not None and RUNTIME_EXPORTS[qcfg.get("method")][1] == "int8" and len(data.train) < 2
-    ):
+    int8 = RUNTIME_EXPORTS[qcfg.get("method")][1] == "int8"
+    texts = qcfg.get("calibration_texts")
+    if int8 and texts is not None and int(texts) < 1:
         problems.append(
-            f"quantize.calibration_texts={texts}: int8 calibrates on training texts (>= 1, and a training split)."
+            f"quantize.calibration_texts={texts} must be >= 1 (int8 calibrates on training texts)."
+        )
+    if int8 and data is not None and len(data.train) == 0:
+        problems.append(
+            "quantize: int8 calibrates on training texts, and the task's training split is empty."
         )
     return problems
 

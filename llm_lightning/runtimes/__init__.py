@@ -57,7 +57,13 @@ def load_runtime_dir(path: Path):
     runtime = meta.get("runtime")
     if runtime not in MODULES:
         raise UserError(f"{path / RUNTIME_FILE}: runtime={runtime!r} is not one of {tuple(MODULES)}.")
-    choice = next(c for c, (r, p) in CHOICES.items() if r == runtime and p == meta.get("precision"))
+    found = [c for c, (r, p) in CHOICES.items() if r == runtime and p == meta.get("precision")]
+    if not found:
+        precisions = sorted(p for r, p in CHOICES.values() if r == runtime)
+        raise UserError(
+            f"{path / RUNTIME_FILE}: precision={meta.get('precision')!r} is not one of {precisions} for {runtime}."
+        )
+    choice = found[0]
     require(choice)
     module = importlib.import_module(
         f"llm_lightning.runtimes.{'onnx' if runtime == 'onnxruntime' else 'openvino'}"

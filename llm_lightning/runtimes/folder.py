@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoTokenizer
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from llm_lightning.artifacts import atomic_dir, write_json
+from llm_lightning.data.batching import right_padded
 from llm_lightning.runtimes import RUNTIME_FILE
 
 SNIPPET = """# {title}
@@ -92,13 +93,8 @@ class RuntimeClassifier(nn.Module):
 
 
 def tokenizer_of(path: Path):
-    """The folder's tokenizer, padding on the right with a pad token (as `with_pad_token` sets it
-    for a torch model: the classifier pools the last real token)."""
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    tokenizer.padding_side = "right"
-    return tokenizer
+    """The folder's tokenizer, right-padded with a pad token: the classifier pools the last real token."""
+    return right_padded(AutoTokenizer.from_pretrained(path, trust_remote_code=False))
 
 
 class Traceable(nn.Module):
