@@ -14,6 +14,7 @@ written; `teacher` first. The default, `gradual_11_layers`:
     layers15_more/  distil again on more texts                         -> ...
     layers12/, layers12_more/, layers11/   prune a little, distil, ...
     quantized/      quantize the last stage's model (torchao)          -> quantized/
+    deploy/<choice>/  with `deploy=[openvino_int8,...]`: more forms of the last stage's model
     report.json, report.md, pareto.png, tensorboard/report   every stage measured the same way
 
 `quick_15_layers` is `teacher -> pruned -> distilled`: one pruning, one distillation.
@@ -47,6 +48,7 @@ from llm_lightning.chain.compose import (
     stage_inputs,
     training_stages,
 )
+from llm_lightning.chain.deploy import DEPLOY, compiles, deploy_configs, made_file, stage_name
 from llm_lightning.chain.record import (
     DONE,
     RESUME,
@@ -62,7 +64,6 @@ from llm_lightning.chain.record import (
     settings_of,
     write_record,
 )
-from llm_lightning.quantization.saved import META_FILE
 from llm_lightning.runtime import conf_dir, run_entry, user_errors
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ class Chain:
     fingerprints: dict[str, Fingerprint]
     quantize: DictConfig  # the quantized stage's settings: conf/quantize/none + the chain's `quantize`
     quantized: Fingerprint
+    deploy: dict[str, DictConfig]  # `deploy`: quantize choice -> its shipped settings (chain.deploy)
+    deployed: dict[str, Fingerprint]
 
 
 def prepare(chain: DictConfig) -> Chain:
@@ -95,6 +98,7 @@ def prepare(chain: DictConfig) -> Chain:
     with open_dict(first):
         quantize = OmegaConf.merge(first.quantize, chain.quantize)
     check_quantize(quantize)
+    deploy = deploy_configs(chain, conf_dir() / "quantize")
     models = {str(out / s / "model") for s in stages}
     for stage in stages:
         check_stage(configs[stage], stage, first, models)
@@ -104,10 +108,12 @@ def prepare(chain: DictConfig) -> Chain:
             settings_of(configs[s], out), {n: fingerprints[n].value for n in inputs[s]}
         )
     last = stages[-1]
-    quantized = Fingerprint(
-        settings_of(quantize, out, QUANTIZE_UNFINGERPRINTED), {last: fingerprints[last].value}
-    )
-    return Chain(out, stages, configs, inputs, fingerprints, quantize, quantized)
+    made_from = {last: fingerprints[last].value}
+    quantized = Fingerprint(settings_of(quantize, out, QUANTIZE_UNFINGERPRINTED), made_from)
+    deployed = {
+        c: Fingerprint(settings_of(q, out, QUANTIZE_UNFINGERPRINTED), made_from) for c, q in deploy.items()
+    }
+    return Chain(out, stages, configs, inputs, fingerprints, quantize, quantized, deploy, deployed)
 
 
 def plan(prepared: Chain) -> dict[str, Decision]:
@@ -183,48 +189,62 @@ def compress(chain: DictConfig) -> dict:
     apply_runtime(cfg.runtime)
     with open_dict(cfg):
         cfg.quantize = prepared.quantize
-    # a stage prunes when its composed config does (`prune=`, or an experiment that picks it)
-    pruning = [s for s in prepared.stages if prepared.configs[s].prune.method != "none"]
-    return quantize_and_report(cfg, prepared.out, prepared.stages, pruning, prepared.quantized)
+    return quantize_and_report(cfg, prepared)
 
 
-def quantize_and_report(
-    cfg: DictConfig, out: Path, stages: list[str], pruning: list[str], fingerprint: Fingerprint
-) -> dict:
-    """Quantize the last training stage's model (unless done with the same `fingerprint`), then
-    measure every stage in order. `pruning`: the stages that must be faster than their input,
-    besides the quantized one."""
+def quantize_and_report(cfg: DictConfig, prepared: Chain) -> dict:
+    """Quantize the last training stage's model, and build each `deploy` form of it (each unless
+    made with the same fingerprint), then measure every stage in order. Only the stages that prune,
+    quantize or export must be faster than their input; distillation retrains the same shape."""
     from llm_lightning.data import load_task
     from llm_lightning.data.provenance import check_split
     from llm_lightning.measure.stage_report import Stage, report_stages, require_test_split
-    from llm_lightning.quantization.saved import used_settings
-    from llm_lightning.quantize import quantize_folder
 
-    q = cfg.quantize  # checked before the first stage trained (chain.checks.check_quantize)
+    out, stages, q = prepared.out, prepared.stages, cfg.quantize  # all checked before stage 1 trained
     data = load_task(cfg.task, cfg.seed)
     require_test_split(data, str(out))
     for stage in stages:  # each stage is scored on the texts it was trained against
         check_split(
             out / stage / "model", cfg.task, cfg.seed, data, allow=bool(cfg.get("allow_split_mismatch"))
         )
-    decision = decide(out / QUANTIZED, fingerprint, out / QUANTIZED / META_FILE)
-    print(f"[compress] {QUANTIZED}: {decision.reason}", flush=True)
-    if decision.action != REUSE:
-        used = quantize_folder(out / stages[-1] / "model", out / QUANTIZED, q, data, cfg.task.max_length)
-        write_record(out / QUANTIZED, DONE, fingerprint)  # after the atomic save: it replaces the folder
-        print(f"[compress] quantized: {q.method} -> {out / QUANTIZED}", flush=True)
-    else:  # the alpha `auto` chose when it was made, as its folder records it
-        used = used_settings(q, out / QUANTIZED)
-    specs, previous = [], None
-    for stage in (*stages, QUANTIZED):
-        path = out / stage if stage == QUANTIZED else out / stage / "model"
-        compile = stage == QUANTIZED and bool(q.compile)
-        name = f"quantized ({q.method}{'+compile' if compile else ''})" if stage == QUANTIZED else stage
-        # distillation retrains the pruned shape: only pruning and quantization must be faster
-        compressed = stage in pruning or stage == QUANTIZED
-        specs.append(Stage(name, path, previous, compile, compressed))
-        previous = name
-    return report_stages(specs, data, cfg, out, used, bool(q.get("require_speedup", False)))
+    last = out / stages[-1] / "model"
+    used = build(out / QUANTIZED, q, prepared.quantized, last, data, cfg.task.max_length)
+    for choice, settings in prepared.deploy.items():
+        build(out / DEPLOY / choice, settings, prepared.deployed[choice], last, data, cfg.task.max_length)
+    pruning = {s for s in stages if prepared.configs[s].prune.method != "none"}  # as composed
+    specs = [
+        Stage(s, out / s / "model", stages[i - 1] if i else None, False, s in pruning)
+        for i, s in enumerate(stages)
+    ]
+    specs.append(
+        Stage(stage_name(q.method, compiles(q), QUANTIZED), out / QUANTIZED, stages[-1], compiles(q))
+    )
+    for choice, settings in prepared.deploy.items():
+        name = stage_name(choice, compiles(settings), DEPLOY)
+        specs.append(Stage(name, out / DEPLOY / choice, stages[-1], compiles(settings)))
+    final = [spec.name for spec in specs[len(stages) - 1 :]]  # the final student in each of its forms
+    return report_stages(specs, data, cfg, out, used, bool(q.get("require_speedup", False)), final)
+
+
+def build(
+    folder: Path, qcfg: DictConfig, fingerprint: Fingerprint, model_dir: Path, data, max_length: int
+) -> dict:
+    """Quantize or export `model_dir` into `folder` with `qcfg`, unless it was made with the same
+    `fingerprint`. Returns the settings as used (`auto`'s alpha as its folder records it)."""
+    from llm_lightning.quantization.saved import is_quantized_dir, used_settings
+    from llm_lightning.quantize import quantize_folder
+
+    name = folder.relative_to(folder.parent.parent) if folder.parent.name == DEPLOY else folder.name
+    decision = decide(folder, fingerprint, made_file(folder, qcfg.method))
+    print(f"[compress] {name}: {decision.reason}", flush=True)
+    if decision.action == REUSE:
+        if is_quantized_dir(folder):
+            return used_settings(qcfg, folder)
+        return OmegaConf.to_container(qcfg, resolve=True)
+    used = quantize_folder(model_dir, folder, qcfg, data, max_length)
+    write_record(folder, DONE, fingerprint)  # after the atomic save: it replaces the folder
+    print(f"[compress] {name}: {qcfg.method} -> {folder}", flush=True)
+    return used
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="compress")

@@ -102,6 +102,27 @@ def test_chain_exports_every_stage_reports_them_and_resumes(chain, monkeypatch):
     assert record(out, "quantized")["fingerprint"] != fingerprint["quantized"]
     assert json.loads((Path(out) / "quantized/quantization.json").read_text())["skip"] == ["score"]
 
+    # The final stage's runtime comes from config, and `deploy` adds more forms of the final
+    # student: each built once, measured in the same report, the fastest named.
+    chain.quantize.method = "openvino_int8"
+    chain.deploy = {"onnx_int8": {}, "bf16": {"compile": False}}  # compiling: minutes on 2 cores
+    deployed = compress(chain)
+    names = [r["stage"] for r in deployed["stages"]]
+    assert names[3:] == ["quantized (openvino_int8)", "deploy (onnx_int8)", "deploy (bf16)"]
+    assert all(r["input"] == "distilled" and r["compressed"] for r in deployed["stages"][3:])
+    assert all("vs_first_acc_diff_low" in r for r in deployed["stages"][1:])  # paired with the teacher
+    for folder in ("quantized/runtime.json", "deploy/onnx_int8/model.onnx", "deploy/bf16/model.safetensors"):
+        assert (Path(out) / folder).exists(), folder
+    fastest = deployed["fastest_final"]
+    assert fastest["among"] == ["distilled", *names[3:]]
+    speeds = {r["stage"]: r["tokens_per_s_b16"] for r in deployed["stages"]}
+    assert fastest["tokens_per_s_b16"] == max(speeds[n] for n in fastest["among"])
+    assert f"Fastest form of the final model: **{fastest['stage']}**" in (Path(out) / "report.md").read_text()
+    built = (Path(out) / "deploy/bf16/model.safetensors").stat().st_mtime_ns
+    chain.deploy = {"bf16": {"compile": False}}
+    assert compress(chain)["stages"][-1]["stage"] == "deploy (bf16)"
+    assert (Path(out) / "deploy/bf16/model.safetensors").stat().st_mtime_ns == built  # reused
+
     # `python -m llm_lightning.report` measures a run folder again: the teacher's, on its own
     remeasured = run_module("llm_lightning.report", f"run_dir={out}/teacher")
     assert remeasured.returncode == 0, remeasured.stderr[-3000:]

@@ -63,6 +63,19 @@ def markdown(report: dict) -> str:
             "exact two-sided test on the texts only one of the two gets right; agree is the share of "
             "identical predictions."
         )
+    if "fastest_final" in report:
+        best = report["fastest_final"]
+        diff = ""
+        if "vs_first_acc_diff" in best:
+            diff = (
+                f", {100 * best['vs_first_acc_diff']:+.2f} points against the first stage "
+                f"({100 * best['vs_first_acc_diff_low']:+.2f} to {100 * best['vs_first_acc_diff_high']:+.2f})"
+            )
+        lines.append(
+            f"\nFastest form of the final model: **{best['stage']}**, {best[report['speed_key']]:,.0f} tokens/s "
+            f"at batch 16 ({best['speedup_vs_first']:.2f}x the first stage), accuracy {100 * best['acc']:.2f}%"
+            f"{diff}; among {', '.join(best['among'])}."
+        )
     if "quantize" in report:
         settings = ", ".join(f"{k}={v}" for k, v in report["quantize"].items())
         lines.append(f"\nQuantization settings: {settings}")

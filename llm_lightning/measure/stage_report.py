@@ -153,6 +153,17 @@ def paired_with_first(rows: list[dict]) -> None:
         row.update({f"vs_first_{names.get(k, k)}": v for k, v in got.items()})
 
 
+def fastest_of(rows: list[dict], names: Sequence[str]) -> dict | None:
+    """The fastest (`SPEED_KEY`) of the rows named, with its accuracy and its paired comparison
+    with the first stage: what the report recommends deploying, and on what evidence."""
+    chosen = [r for r in rows if r["stage"] in names]
+    if len(chosen) < 2:
+        return None
+    best = max(chosen, key=lambda r: r[SPEED_KEY])
+    keys = ("stage", SPEED_KEY, "speedup_vs_first", "acc", "vs_first_acc_diff", "vs_first_acc_diff_low")
+    return {k: best[k] for k in (*keys, "vs_first_acc_diff_high") if k in best} | {"among": list(names)}
+
+
 def environment() -> dict:
     return {
         "threads": torch.get_num_threads(),
@@ -169,9 +180,12 @@ def write_report(
     cfg: DictConfig | None = None,
     require_speedup: bool = False,
     quantize: dict | None = None,
+    final: Sequence[str] = (),
 ) -> dict:
     """Write report.json, report.md, pareto.png and TensorBoard entries; then apply the speed gate.
-    `quantize`: the quantization settings the stages were made with (`settings_as_used`)."""
+    `quantize`: the quantization settings the stages were made with (`settings_as_used`).
+    `final`: the stages that are one model in different forms (compress's last student, quantized
+    and exported): the report names the fastest of them, `fastest_final`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     found = speed_warnings(rows)
@@ -184,6 +198,8 @@ def write_report(
         report["runtime"] = OmegaConf.to_container(cfg.runtime, resolve=True)
     if quantize is not None and quantize.get("method", "none") != "none":
         report["quantize"] = quantize
+    if fastest := fastest_of(table, final):
+        report["fastest_final"] = fastest
     # the per-text lists (one int per test text and stage) stay out of the rows, which remain a
     # flat table of numbers; kept under their own key, any two stages can be paired again from here
     per_text = {r["stage"]: r["predictions"] for r in rows if "predictions" in r}
@@ -223,10 +239,12 @@ def report_stages(
     out: Path,
     quantize: dict | None = None,
     require_speedup: bool = False,
+    final: Sequence[str] = (),
 ) -> dict:
     """Load each stage from its folder, measure it on the test split (one model in memory at a
     time) and write the report to `out`: the one loop `quantize`, `compress` and `report_for_run`
-    share. `quantize`: the quantization settings as used, for the report. Returns the report."""
+    share. `quantize`: the quantization settings as used, for the report; `final`: as
+    `write_report`'s. Returns the report."""
     from llm_lightning.models.saved import load_saved
 
     require_test_split(data, str(out))
@@ -249,7 +267,7 @@ def report_stages(
             )
         )
         del model
-    return write_report(rows, out, cfg, require_speedup, quantize)
+    return write_report(rows, out, cfg, require_speedup, quantize, final)
 
 
 def stage_dirs(run_dir: Path) -> list[Stage]:

@@ -8,6 +8,8 @@
                                       "attn_implementation"}; formats 1 (no "centered") and 2 (no
                                       "fused_projections") load too
       training.json                   the input model's data record (llm_lightning.data.provenance)
+      model.safetensors               quantize=bf16 only: save_pretrained's bf16 weights, which
+                                      transformers loads alone (`from_pretrained(path, dtype=torch.bfloat16)`)
       quantized_weights.pt            torch.save(state_dict): the quantized linear weights are torchao
                                       tensor subclasses (Int8Tensor), everything else (embeddings,
                                       the `quantize.skip` layers) plain tensors. With
@@ -33,7 +35,7 @@ from llm_lightning.artifacts import atomic_dir, write_json
 from llm_lightning.errors import UserError
 from llm_lightning.quantization.centering import CENTERED, center_activations
 from llm_lightning.quantization.fused_projections import fuse_projections, is_fused
-from llm_lightning.quantization.settings import settings_as_used
+from llm_lightning.quantization.settings import FLOAT_METHODS, settings_as_used
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,12 @@ def save_quantized(
     import torchao
 
     def write(tmp: Path) -> None:
-        model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        torch.save(model.state_dict(), tmp / WEIGHTS_FILE)
+        if method in FLOAT_METHODS:  # plain transformers weights: no torchao needed to load them
+            model.save_pretrained(tmp)
+        else:
+            model.config.save_pretrained(tmp)
+            torch.save(model.state_dict(), tmp / WEIGHTS_FILE)
         meta = {
             "format": FORMAT_VERSION,
             "method": method,
@@ -78,8 +83,8 @@ def save_quantized(
             # the loader must stack the same layers before the weights fit
             "fused_projections": is_fused(model),
             "torch": torch.__version__,
-            "torchao": torchao.__version__,
-            "weights": WEIGHTS_FILE,
+            "torchao": None if method in FLOAT_METHODS else torchao.__version__,
+            "weights": "model.safetensors" if method in FLOAT_METHODS else WEIGHTS_FILE,
             # not in config.json; eager attention is the faster one on CPU for short texts
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
         }
@@ -117,13 +122,24 @@ def load_quantized(path: Path):
         raise UserError(
             f"{path / META_FILE}: format {meta.get('format')!r}; this version reads {READABLE_FORMATS}."
         )
+    attention = meta.get("attn_implementation") or "eager"
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # a folder is data, never code
+    if meta.get("method") in FLOAT_METHODS:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            dtype=torch.bfloat16,
+            attn_implementation=attention,
+            use_safetensors=True,
+            trust_remote_code=False,
+        )
+        return with_pad_token(model.eval(), tokenizer)
     check_torchao_version(meta, path)
     from transformers.initialization import no_init_weights
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)  # a folder is data, never code
     with no_init_weights():  # the placeholders are replaced below; untouched pages cost no memory
         model = AutoModelForSequenceClassification.from_config(
-            config, dtype=torch.float32, attn_implementation=meta.get("attn_implementation") or "eager"
+            config, dtype=torch.float32, attn_implementation=attention
         )
     if meta.get("fused_projections"):
         fuse_projections(model, empty=True)  # the saved weights are the stacked ones
@@ -138,7 +154,7 @@ def load_quantized(path: Path):
     model.tie_weights()
     if meta.get("centered"):
         center_activations(model)
-    return with_pad_token(model.eval(), AutoTokenizer.from_pretrained(path, trust_remote_code=False))
+    return with_pad_token(model.eval(), tokenizer)
 
 
 def check_torchao_version(meta: dict, path: Path) -> None:

@@ -20,9 +20,11 @@ from llm_lightning.runtimes import require as require_runtime
 from llm_lightning.runtimes.onnx import MODES as ONNX_MODES
 
 TORCHAO_METHODS = ("int8_dynamic", "int8_weight_only", "int4_weight_only")
+# a cast, no torchao: its quantized/ folder holds bf16 safetensors that transformers loads alone
+FLOAT_METHODS = ("bf16",)
 # torchao's methods give a quantized/ folder this package loads; the runtime exports
 # (llm_lightning.runtimes) give a folder ONNX Runtime or OpenVINO loads on its own
-METHODS = ("none", *TORCHAO_METHODS, *RUNTIME_EXPORTS)
+METHODS = ("none", *TORCHAO_METHODS, *FLOAT_METHODS, *RUNTIME_EXPORTS)
 ACTIVATIONS = ("symmetric", "asymmetric")  # int8_dynamic's per-token activation scales
 ATTENTIONS = ("eager", "sdpa")  # quantize.attention: transformers' attention kernels on CPU
 AUTO = "auto"  # quantize.smoothquant_alpha: picked on the validation split (quantization.smoothquant)
@@ -178,6 +180,9 @@ def check_settings(qcfg: Mapping, data=None, *, device: str = "cpu", require_met
     if method in RUNTIME_EXPORTS:
         _raise(runtime_problems(qcfg, data))
         return
+    if method in FLOAT_METHODS:
+        _raise(float_problems(qcfg))
+        return
     platform = _platform_problem(method, device, qcfg.get("group_size", DEFAULT_GROUP_SIZE))
     if platform:
         problems.append(platform[0])
@@ -190,6 +195,28 @@ def check_settings(qcfg: Mapping, data=None, *, device: str = "cpu", require_met
         problems += [candidates_problem(qcfg.get("smoothquant_candidates") or DEFAULT_CANDIDATES)]
         problems += [validation_problem(len(data.val))] if data is not None else []
     _raise([p for p in problems if p], platform[1] if platform else None)
+
+
+def float_problems(qcfg: Mapping) -> list[str]:
+    """quantize=bf16: a cast of every weight, so the int8 keys that pick layers or scales are errors."""
+    method = qcfg.get("method")
+    problems = [attention_problem(qcfg.get("attention"))]
+    if qcfg.get("skip"):
+        problems.append(
+            f"quantize.skip={list(qcfg.get('skip'))}: {method} casts the whole model (a layer kept in "
+            "fp32 would need its inputs cast back on every call); set quantize.skip=[]."
+        )
+    if qcfg.get("smoothquant_alpha") is not None:
+        problems.append(
+            f"quantize.smoothquant_alpha={qcfg.get('smoothquant_alpha')} needs quantize=int8_dynamic; "
+            f"{method} has no int8 activations to smooth: set it to null."
+        )
+    if qcfg.get("fuse_projections"):
+        problems.append(
+            f"quantize.fuse_projections=true is for the torchao int8 methods; {method} saves a plain "
+            "transformers folder, which keeps q/k/v and gate/up apart: set it to false."
+        )
+    return [p for p in problems if p]
 
 
 def runtime_problems(qcfg: Mapping, data=None) -> list[str]:

@@ -20,6 +20,7 @@ from llm_lightning.quantization.settings import (
     DEFAULT_CALIBRATION_TEXTS,
     DEFAULT_CANDIDATES,
     DEFAULT_GROUP_SIZE,
+    FLOAT_METHODS,
     attention_problem,
     check_settings,
     saved_settings,
@@ -86,13 +87,21 @@ def quantize_model(
     """
     first = next(model.parameters(), None)
     device = first.device.type if first is not None else "cpu"
-    as_config = {"method": method, "group_size": group_size, "smoothquant_alpha": smoothquant_alpha}
+    as_config = {
+        "method": method,
+        "group_size": group_size,
+        "smoothquant_alpha": smoothquant_alpha,
+        "skip": list(skip),
+        "fuse_projections": fuse_projections,
+    }
     check_settings(
         {**as_config, "calibration_texts": len(calibration), "activations": activations}, device=device
     )
     model.eval()
     if method == "none":
         return model
+    if method in FLOAT_METHODS:
+        return cast_bf16(model, device)
     if smoothquant_alpha == AUTO:
         raise ValueError(
             "quantize_model needs a number for smoothquant_alpha; 'auto' is resolved on the validation "
@@ -109,6 +118,32 @@ def quantize_model(
     quantize_linears(model, torchao_config(method, group_size), keep, smoothquant_alpha, calibration)
     if activations == "asymmetric":
         center_activations(model)
+    return model
+
+
+def cast_bf16(model: nn.Module, device: str) -> nn.Module:
+    """quantize=bf16: every weight cast to bfloat16 (half the memory of fp32). Fast where the CPU
+    multiplies bf16 natively (AVX-512 BF16, AMX), which oneDNN uses through torch's matmuls;
+    elsewhere it is emulated and slower than fp32, so that is said before anyone waits for it."""
+    from llm_lightning.runtime import NATIVE_BF16, cpu_flags
+
+    if device == "cpu" and not cpu_flags() & NATIVE_BF16:
+        log.warning(
+            "quantize=bf16: this CPU has no native bf16 (%s): the bf16 model will likely run slower "
+            "than fp32 here; quantize=int8_dynamic is the fast choice on such CPUs.",
+            "/".join(sorted(NATIVE_BF16)),
+        )
+    # rotary frequencies stay fp32, as from_pretrained(dtype=bf16) leaves them: in bf16 they would
+    # shift every position's angle, and the saved folder would load into a different model
+    rotary = {
+        (module, name): getattr(module, name)
+        for module in model.modules()
+        for name in ("inv_freq", "original_inv_freq")
+        if isinstance(getattr(module, name, None), torch.Tensor)
+    }
+    model.to(torch.bfloat16)
+    for (module, name), frequencies in rotary.items():
+        setattr(module, name, frequencies)
     return model
 
 
