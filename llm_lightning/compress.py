@@ -48,7 +48,7 @@ from llm_lightning.chain.compose import (
     stage_inputs,
     training_stages,
 )
-from llm_lightning.chain.deploy import DEPLOY, compiles, deploy_configs, made_file, stage_name
+from llm_lightning.chain.deploy import DEPLOY, deploy_configs, made_file, stage_name
 from llm_lightning.chain.record import (
     DONE,
     RESUME,
@@ -64,6 +64,7 @@ from llm_lightning.chain.record import (
     settings_of,
     write_record,
 )
+from llm_lightning.quantization.settings import compiles
 from llm_lightning.runtime import conf_dir, run_entry, user_errors
 
 log = logging.getLogger(__name__)

@@ -259,22 +259,22 @@ class SequenceClassifier(L.LightningModule):
 
     def _add_criterion_parameters(self, optimizer: torch.optim.Optimizer, scheduler) -> None:
         """The loss's own parameters (the hidden-state projection) as a last group, without weight
-        decay, under the model's LR schedule.
+        decay, under the model's LR schedule: the configured LR as its base, scaled step by step
+        like the model's groups.
 
-        The group joins after the scheduler set the first step's LR and starts from that LR, as
-        when the distillation callback added it in `on_fit_start`, so runs reproduce. With warmup
-        that LR is 0, and LambdaLR scales it, so the projection keeps its initial weights.
+        The group joins after the scheduler set the first step's LR, so it starts from that LR (0
+        with warmup) and keeps the model's base LR as its own (`initial_lr`). Until 2026-12-02 it took
+        the first step's LR as its base: with warmup that was 0, and the projection never trained.
         """
         params = [p for p in self.criterion.parameters() if p.requires_grad]
         if not params:
             return
+        first = optimizer.param_groups[0]
         optimizer.add_param_group(
-            {"params": params, "weight_decay": 0.0, "lr": optimizer.param_groups[0]["lr"]}
+            {"params": params, "weight_decay": 0.0, "lr": first["lr"], "initial_lr": first["initial_lr"]}
         )
-        group = optimizer.param_groups[-1]
         # LambdaLR keeps one base LR and one lambda per group: give the new group the others'.
-        group.setdefault("initial_lr", group["lr"])
-        scheduler.base_lrs.append(group["initial_lr"])
+        scheduler.base_lrs.append(first["initial_lr"])
         scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
 
 

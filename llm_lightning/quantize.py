@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llm_lightning.errors import MissingFileError
 from llm_lightning.quantization.saved import save_quantized
-from llm_lightning.quantization.settings import RUNTIME_EXPORTS, check_settings, saved_settings
+from llm_lightning.quantization.settings import RUNTIME_EXPORTS, check_settings, compiles, saved_settings
 from llm_lightning.quantization.torchao_path import quantize_with_config
 from llm_lightning.runtime import apply_runtime, run_entry, user_errors
 from llm_lightning.runtimes.build import export_runtime
@@ -49,8 +49,8 @@ def quantize_run(cfg: DictConfig, out: Path, model_dir: Path | None = None) -> d
     check_split(model_dir, cfg.task, cfg.seed, data, allow=bool(cfg.get("allow_split_mismatch")))
     require_test_split(data, str(model_dir))  # before quantizing, which can take minutes
     used = quantize_folder(model_dir, out / "quantized", qcfg, data, cfg.task.max_length)
-    name = qcfg.method + ("+compile" if qcfg.compile else "")
-    stages = [Stage("fp32", model_dir), Stage(name, out / "quantized", "fp32", bool(qcfg.compile))]
+    name = qcfg.method + ("+compile" if compiles(qcfg) else "")
+    stages = [Stage("fp32", model_dir), Stage(name, out / "quantized", "fp32", compiles(qcfg))]
     report = report_stages(stages, data, cfg, out, used, bool(qcfg.get("require_speedup", False)))
     final = report["stages"][-1]
     return {f"quantize/{k}": v for k, v in final.items() if isinstance(v, float)}

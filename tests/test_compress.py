@@ -292,6 +292,26 @@ def test_bad_quantize_settings_fail_before_the_first_stage_trains(chain, setting
     assert not Path(chain.out).exists()
 
 
+@pytest.mark.parametrize(
+    "deploy, error",
+    [
+        (
+            ["openvino_int8", "int3"],
+            r"deploy=\['openvino_int8', 'int3'\]: \['int3'\] are not quantize choices",
+        ),
+        (["bf16", "bf16"], r"give each choice once"),
+        ({"bf16": {"calibration_text": 9}}, r"deploy entry 'bf16' has unknown keys \['calibration_text'\]"),
+        ({"bf16": {"skip": ["score"]}}, r"deploy entry 'bf16' \(key `deploy`\): quantize.skip=\['score'\]"),
+        ({"onnx_int8": {"onnx_mode": "fast"}}, r"deploy entry 'onnx_int8' .*onnx_mode='fast' is not one of"),
+    ],
+)
+def test_bad_deploy_entries_fail_before_the_first_stage_trains(chain, deploy, error):
+    chain.deploy = deploy
+    with pytest.raises(UserError, match=r"compress: " + error):
+        compress(chain)
+    assert not Path(chain.out).exists()
+
+
 def test_an_unknown_key_on_the_command_line_exits_2_naming_the_nearest_key(tmp_path):
     """Hydra refuses a key conf/compress.yaml lacks; one added with `+key=` (or written in a recipe)
     is refused by compress before anything runs, naming the nearest valid key."""

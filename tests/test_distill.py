@@ -325,5 +325,9 @@ def test_teacher_gets_no_gradient_and_the_projection_trains(teacher_dir, tmp_pat
     optimizer = objects["trainer"].optimizers[0]
     assert any(proj.weight is p for g in optimizer.param_groups for p in g["params"])
     assert optimizer.state[proj.weight]["exp_avg"].abs().sum() > 0  # it got gradients and steps
+    # under the model's schedule from the configured LR: with warmup, the first step's LR is 0,
+    # and a group that took that as its base never trained
+    group = next(g for g in optimizer.param_groups if any(proj.weight is p for p in g["params"]))
+    assert group["initial_lr"] == cfg.optimizer.lr > 0 and cfg.scheduler.warmup_ratio > 0
     for key in ("train/kd_epoch", "train/ce_epoch", "train/hidden_epoch", "train/loss_epoch"):
         assert key in metrics, key

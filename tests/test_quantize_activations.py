@@ -18,7 +18,7 @@ from torchao.quantization import MappingType
 from llm_lightning.measure.compiling import maybe_compile
 from llm_lightning.models.saved import load_saved
 from llm_lightning.quantization.centering import CENTERED
-from llm_lightning.quantization.onednn_int8 import packed_matmul_is_exact
+from llm_lightning.quantization.onednn_int8 import packed_matmul_is_exact, packed_matmul_is_usable
 from llm_lightning.quantization.saved import META_FILE, save_quantized
 from llm_lightning.quantization.settings import torchao_config
 from llm_lightning.quantization.torchao_path import quantize_linears, quantize_model
@@ -208,9 +208,10 @@ def test_packed_onednn_weights_give_what_torch_int_mm_gives(shape):
     """On x86 CPUs the centred forward multiplies by oneDNN's packed copy of each int8 weight
     (llm_lightning.quantization.onednn_int8) instead of torch._int_mm on the plain one: the same integer
     products and scales, so one layer agrees to float rounding, eager and compiled."""
-    if not (torch.backends.mkldnn.is_available() and packed_matmul_is_exact()):
+    if not (torch.backends.mkldnn.is_available() and packed_matmul_is_usable()):
         pytest.skip(
-            "no exact oneDNN int8 linear here (no oneDNN, or no VNNI/AMX): the centred forward uses _int_mm"
+            "no exact and fast oneDNN int8 linear here (no oneDNN, no VNNI/AMX, or only its reference "
+            "kernel): the centred forward uses _int_mm"
         )
     torch.manual_seed(0)
     features, out_features = shape
@@ -257,7 +258,7 @@ def test_centred_models_deepcopy_and_move_with_their_packed_weights(tiny):
     layers = [m for m in quantized_linears(copied) if getattr(m, CENTERED, False)]
     assert layers and all(
         (m.packed_int8_weight is not None)
-        == (torch.backends.mkldnn.is_available() and packed_matmul_is_exact())
+        == (torch.backends.mkldnn.is_available() and packed_matmul_is_usable())
         for m in layers
     )
     torch.testing.assert_close(logits(copied, tokenizer), logits(quantized, tokenizer), atol=1e-6, rtol=0)

@@ -133,6 +133,11 @@ def test_quantize_writes_a_runtime_folder_and_reports_it(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert [s["stage"] for s in report["stages"]] == ["fp32", "onnx_int8"]
     assert report["stages"][1]["params"] > 0
+    # `python -m llm_lightning.report run_dir=...` finds the export among the run's stages too
+    from llm_lightning.measure.stage_report import report_for_run
+
+    again = report_for_run(tmp_path)
+    assert [(s["stage"], s["input"]) for s in again["stages"]] == [("fp32", None), ("onnx_int8", "fp32")]
 
 
 def test_runtime_settings_are_checked_with_the_others():

@@ -2,7 +2,7 @@
 measured in the same report, so the report shows which one to deploy.
 
     python -m llm_lightning.compress 'deploy=[openvino_int8,onnx_int8,bf16]'
-    python -m llm_lightning.compress '+deploy={openvino_int8:{calibration_texts:600},bf16:{}}'
+    python -m llm_lightning.compress 'deploy={openvino_int8:{calibration_texts:600},bf16:{}}'
 
 Each entry is a `quantize=` choice (conf/quantize/<choice>.yaml; in the mapping form, with some of
 its keys changed), built from the last
@@ -67,10 +67,3 @@ def made_file(folder: Path, method: str) -> Path:
 def stage_name(method: str, compile: bool, prefix: str) -> str:
     """A report row's name, e.g. `quantized (int8_dynamic+compile)` or `deploy (openvino_int8)`."""
     return f"{prefix} ({method}{'+compile' if compile else ''})"
-
-
-def compiles(qcfg: DictConfig) -> bool:
-    """torch.compile before measuring: never for a runtime folder, which its own runtime compiles."""
-    from llm_lightning.runtimes import CHOICES
-
-    return bool(qcfg.get("compile")) and qcfg.method not in CHOICES

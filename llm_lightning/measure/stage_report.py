@@ -273,11 +273,16 @@ def report_stages(
 def stage_dirs(run_dir: Path) -> list[Stage]:
     """Every exported stage in a run directory, in chain order."""
     from llm_lightning.quantization.saved import is_quantized_dir, read_meta
+    from llm_lightning.runtimes import choice_of, is_runtime_dir
 
     found = []
     if (run_dir / "model" / "config.json").exists():
         found.append(Stage("fp32", run_dir / "model"))
-    if is_quantized_dir(run_dir / "quantized"):
+    if is_runtime_dir(run_dir / "quantized"):  # quantize=onnx_int8 | openvino_int8 | ...
+        found.append(
+            Stage(choice_of(run_dir / "quantized"), run_dir / "quantized", "fp32" if found else None)
+        )
+    elif is_quantized_dir(run_dir / "quantized"):
         meta = read_meta(run_dir / "quantized")
         name = meta["method"] + ("+compile" if meta.get("compile") else "")
         source = "fp32" if found else None

@@ -22,12 +22,58 @@ def pack_int8_weight(qdata: torch.Tensor) -> torch.Tensor | None:
     """oneDNN's packed copy of an int8 [out, in] weight, or None where there is no oneDNN int8
     linear to use (CUDA tensors, CPU builds without mkldnn, CPUs oneDNN cannot pack for, CPUs
     where its result is wrong): callers keep `torch._int_mm` then."""
-    if qdata.device.type != "cpu" or not torch.backends.mkldnn.is_available() or not packed_matmul_is_exact():
+    if (
+        qdata.device.type != "cpu"
+        or not torch.backends.mkldnn.is_available()
+        or not packed_matmul_is_usable()
+    ):
         return None
     try:
         return torch.ops.onednn.qlinear_prepack(qdata.contiguous(), None)
     except (AttributeError, RuntimeError, NotImplementedError):  # op missing, or not for this ISA
         return None
+
+
+def packed_matmul_is_usable() -> bool:
+    """oneDNN's packed int8 linear is used where it is exact and not slower than `torch._int_mm`."""
+    return packed_matmul_is_exact() and packed_matmul_is_fast()
+
+
+@functools.cache
+def packed_matmul_is_fast() -> bool:
+    """Whether oneDNN runs the packed int8 linear in a real kernel on this CPU, not its reference one.
+
+    On an AMD EPYC with AVX-512 VNNI but no AMX (2026-12-02), oneDNN ran this signed-int8 linear in
+    `ref_matmul_int8_t`, its scalar reference code: exact, but SmoothQuant's first validation batch
+    had not finished after 5 minutes (py-spy). On AMX Xeons the same op was 7-23% faster than
+    `torch._int_mm` (docs/BENCHMARKS.md, "oneDNN-packed int8 weights"). One multiply of SmolLM2's
+    up-projection shape, timed once per process against `torch._int_mm` (best of 3 after a warm-up),
+    tells the kinds apart: a reference kernel is tens of times slower, so a 2x margin is no coin toss.
+    """
+    import time
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (32, 576), dtype=torch.int8, generator=gen)
+    w = torch.randint(-127, 128, (1536, 576), dtype=torch.int8, generator=gen)
+    try:
+        packed = torch.ops.onednn.qlinear_prepack(w, None)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    scales, plain = torch.ones(1536), w.T.contiguous()
+
+    def best(run) -> float:
+        run()
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    with torch.inference_mode():
+        return best(lambda: int8_linear_packed(q, packed, scales)) <= 2 * best(
+            lambda: torch._int_mm(q, plain)
+        )
 
 
 @functools.cache

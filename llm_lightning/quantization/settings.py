@@ -248,6 +248,12 @@ def _raise(problems: list[str], unsupported: Exception | None = None) -> None:
         raise error("\n".join(problems)) from unsupported
 
 
+def compiles(qcfg: Mapping) -> bool:
+    """torch.compile the made model before measuring it: as `quantize.compile` says, except a runtime
+    folder (ONNX Runtime, OpenVINO), which its own runtime compiles."""
+    return bool(qcfg.get("compile")) and qcfg.get("method") not in RUNTIME_EXPORTS
+
+
 def saved_settings(qcfg: Mapping) -> dict:
     """The accuracy settings of a `quantize=` config (or of `settings_as_used`), as `save_quantized`
     keyword arguments."""

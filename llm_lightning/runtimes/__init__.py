@@ -49,10 +49,12 @@ def is_runtime_dir(path: Path) -> bool:
     return (Path(path) / RUNTIME_FILE).is_file()
 
 
-def load_runtime_dir(path: Path):
-    """(model, tokenizer) of a runtime folder: the model a torch-like classifier (`model(input_ids=,
-    attention_mask=).logits`) that runs in the folder's own runtime."""
-    path = Path(path)
+def choice_of(path: Path) -> str:
+    """The `quantize=` choice that wrote a runtime folder, from its runtime.json."""
+    return _read(Path(path))[1]
+
+
+def _read(path: Path) -> tuple[dict, str]:
     meta = json.loads((path / RUNTIME_FILE).read_text())
     runtime = meta.get("runtime")
     if runtime not in MODULES:
@@ -63,7 +65,15 @@ def load_runtime_dir(path: Path):
         raise UserError(
             f"{path / RUNTIME_FILE}: precision={meta.get('precision')!r} is not one of {precisions} for {runtime}."
         )
-    choice = found[0]
+    return meta, found[0]
+
+
+def load_runtime_dir(path: Path):
+    """(model, tokenizer) of a runtime folder: the model a torch-like classifier (`model(input_ids=,
+    attention_mask=).logits`) that runs in the folder's own runtime."""
+    path = Path(path)
+    meta, choice = _read(path)
+    runtime = meta["runtime"]
     require(choice)
     module = importlib.import_module(
         f"llm_lightning.runtimes.{'onnx' if runtime == 'onnxruntime' else 'openvino'}"
