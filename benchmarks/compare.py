@@ -159,7 +159,8 @@ def load_all(paths: dict, test, max_length: int, args: argparse.Namespace) -> di
             f"({time.perf_counter() - started:.0f} s)",
             flush=True,
         )
-        if args.padding_free:
+        # True: every model; a collection: the named (torch) ones, e.g. beside runtime models
+        if args.padding_free is True or (args.padding_free and name in args.padding_free):
             packed = padding_free(model, tokenizer.pad_token_id)
             with torch.inference_mode():  # compiles the packed shapes too
                 metrics = evaluate(

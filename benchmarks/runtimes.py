@@ -84,6 +84,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/runtimes"))
     parser.add_argument("--only", nargs="+", choices=list(BUILDS), default=list(BUILDS))
     parser.add_argument("--also", nargs="*", default=[], help="NAME=PATH saved models to add")
+    parser.add_argument(
+        "--padding-free",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="torch models (torch_fp32, or --also names) measured packed too, as NAME+padding_free",
+    )
     parser.add_argument("--texts", type=int, default=128, help="test texts per throughput pass")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--latency-texts", type=int, default=32)
@@ -108,7 +115,7 @@ def main() -> None:
         for k, p in build_all(args.model_dir, args.out, args.only, data.train.texts, task.max_length).items()
     }
     paths |= {name: (Path(path), None) for name, _, path in (spec.partition("=") for spec in args.also)}
-    options = argparse.Namespace(padding_free=False, texts=args.texts)
+    options = argparse.Namespace(padding_free=set(args.padding_free), texts=args.texts)
     models = load_all(paths, data.test, task.max_length, options)
     texts = list(data.test.texts[: args.texts])
     print_table(

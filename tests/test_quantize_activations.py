@@ -310,3 +310,22 @@ def test_the_packed_int8_probe_agrees_with_a_layer_of_smollm2s_shape():
         "",
     )
     assert torch.equal(packed, q.float() @ w.float().T) == packed_matmul_is_exact()
+
+
+def test_a_packed_linear_much_slower_than_int_mm_is_not_used(monkeypatch):
+    """On an AVX-512 VNNI CPU without AMX oneDNN ran the packed linear in its scalar reference
+    kernel, thousands of times slower than torch._int_mm: the speed probe must turn it down."""
+    import time
+
+    from llm_lightning.quantization import onednn_int8
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    real = onednn_int8.int8_linear_packed
+
+    def reference_speed(*args):
+        time.sleep(0.02)  # about what the reference kernel took for this shape, at 2 threads: 0.3 s
+        return real(*args)
+
+    monkeypatch.setattr(onednn_int8, "int8_linear_packed", reference_speed)
+    assert onednn_int8.packed_matmul_is_fast.__wrapped__() is False

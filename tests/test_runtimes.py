@@ -133,6 +133,8 @@ def test_quantize_writes_a_runtime_folder_and_reports_it(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert [s["stage"] for s in report["stages"]] == ["fp32", "onnx_int8"]
     assert report["stages"][1]["params"] > 0
+    # the model file counts as its size on disk (an int8 graph: under half of fp32's weights)
+    assert 0 < report["stages"][1]["size_mb"] < 0.5 * report["stages"][0]["size_mb"]
     # `python -m llm_lightning.report run_dir=...` finds the export among the run's stages too
     from llm_lightning.measure.stage_report import report_for_run
 

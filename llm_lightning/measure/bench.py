@@ -36,7 +36,7 @@ from llm_lightning.data.batching import pad, run_by_length
 from llm_lightning.errors import UserError
 from llm_lightning.measure.padding_free import PaddingFree, padding_free
 
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".gguf")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".gguf", ".onnx")  # .bin: OpenVINO's weights too
 
 
 @dataclass
