@@ -12,6 +12,9 @@ project's `quantized/` folder). Then benchmarks/compare.py's measurement: every 
 test texts and compared text by text with MODEL_DIR (paired bootstrap, McNemar), tokens/s timed in
 turns batch by batch, padded per batch, split order and sorted by length; plus the median batch-1
 latency (p50/p95 over `--latency-texts` texts) and each build's seconds and size on disk.
+`--padding-free torch_fp32 torch_int8` adds those torch models packed into unpadded rows
+(`NAME+padding_free`): the project's own batching against each runtime's padded batches, which is
+best against best, not like for like. Current figures: docs/BENCHMARKS.md, "Runtimes".
 """
 
 from __future__ import annotations

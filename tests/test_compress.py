@@ -299,7 +299,7 @@ def test_bad_quantize_settings_fail_before_the_first_stage_trains(chain, setting
             ["openvino_int8", "int3"],
             r"deploy=\['openvino_int8', 'int3'\]: \['int3'\] are not quantize choices",
         ),
-        (["bf16", "bf16"], r"give each choice once"),
+        (["bf16", "bf16"], r"deploy=\[.bf16., .bf16.\]: give each choice once"),
         ({"bf16": {"calibration_text": 9}}, r"deploy entry 'bf16' has unknown keys \['calibration_text'\]"),
         ({"bf16": {"skip": ["score"]}}, r"deploy entry 'bf16' \(key `deploy`\): quantize.skip=\['score'\]"),
         ({"onnx_int8": {"onnx_mode": "fast"}}, r"deploy entry 'onnx_int8' .*onnx_mode='fast' is not one of"),
@@ -331,7 +331,7 @@ def test_an_unknown_key_on_the_command_line_exits_2_naming_the_nearest_key(tmp_p
         load_chain(["quantize.compil=false"])
     with pytest.raises(
         UserError,
-        match=r"unknown key 'stagse' \(did you mean 'stages'\?\); valid keys: common, out, quantize, ",
+        match=r"unknown key 'stagse' \(did you mean 'stages'\?\); valid keys: common, deploy, out, quantize, ",
     ):
         compress(load_chain(["+stagse.extra=[]", f"out={tmp_path / 'chain'}"]))
     assert not (tmp_path / "chain").exists()
