@@ -23,8 +23,9 @@ def rows(tokenizer) -> list[list[int]]:
     return tokenizer(TEXTS)["input_ids"]
 
 
-def test_auto_keeps_the_alpha_whose_model_agrees_best(tiny):
+def test_auto_keeps_the_alpha_whose_model_agrees_best(tiny, caplog):
     model, tokenizer = tiny
+    caplog.set_level("INFO", logger="llm_lightning.quantization.smoothquant")
 
     def quantize(each, alpha):  # stands in for int8: a head that drifts with |alpha - 0.4|
         with torch.no_grad():
@@ -39,6 +40,14 @@ def test_auto_keeps_the_alpha_whose_model_agrees_best(tiny):
     by_alpha = {r["alpha"]: r for r in results}
     assert by_alpha[0.7]["flips"] == len(TEXTS) and by_alpha[0.3]["flips"] == 0
     assert by_alpha[0.4]["margin_mae"] < 1e-6 < by_alpha[0.3]["margin_mae"]
+    # progress: a line before the first pass, then one per candidate with its count
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith(f"quantize.smoothquant_alpha=auto: the fp32 model's logits on {len(TEXTS)}")
+    assert [line.split(":")[0] for line in lines[1:4]] == [
+        "SmoothQuant alpha 0.30 (1 of 3)",
+        "SmoothQuant alpha 0.40 (2 of 3)",
+        "SmoothQuant alpha 0.70 (3 of 3)",
+    ]
 
 
 def test_logits_come_back_in_the_rows_order(tiny):

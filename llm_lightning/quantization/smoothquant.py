@@ -70,12 +70,19 @@ def choose_alpha(
     problems = [p for p in (validation_problem(len(rows)), candidates_problem(candidates)) if p]
     if problems:  # worded as check_settings words them
         raise UserError("\n".join(problems))
+    # one line before the first pass and one after each candidate: minutes of work, shown as it goes
+    log.info(
+        "quantize.smoothquant_alpha=auto: the fp32 model's logits on %d validation texts, then %d candidates %s",
+        len(rows),
+        len(candidates),
+        list(candidates),
+    )
     reference = logits(model, rows, pad_id)
     results = []
-    for alpha in candidates:
+    for i, alpha in enumerate(candidates, 1):
         got = logits(quantize(copy.deepcopy(model), float(alpha)), rows, pad_id)
         results.append({"alpha": float(alpha), **agreement(got, reference)})
-        log.info("SmoothQuant alpha %.2f: %s", alpha, results[-1])
+        log.info("SmoothQuant alpha %.2f (%d of %d): %s", alpha, i, len(candidates), results[-1])
     best = min(results, key=lambda r: (r["flips"], r["margin_mae"]))
     log.info(
         "quantize.smoothquant_alpha=auto chose %.2f on %d validation texts (%d predictions changed)",
