@@ -209,9 +209,9 @@ def quantize_and_report(cfg: DictConfig, prepared: Chain) -> dict:
             out / stage / "model", cfg.task, cfg.seed, data, allow=bool(cfg.get("allow_split_mismatch"))
         )
     last = out / stages[-1] / "model"
-    used = build(out / QUANTIZED, q, prepared.quantized, last, data, cfg.task.max_length)
+    used = build(out, QUANTIZED, q, prepared.quantized, last, data, cfg.task.max_length)
     for choice, settings in prepared.deploy.items():
-        build(out / DEPLOY / choice, settings, prepared.deployed[choice], last, data, cfg.task.max_length)
+        build(out, f"{DEPLOY}/{choice}", settings, prepared.deployed[choice], last, data, cfg.task.max_length)
     pruning = {s for s in stages if prepared.configs[s].prune.method != "none"}  # as composed
     specs = [
         Stage(s, out / s / "model", stages[i - 1] if i else None, False, s in pruning)
@@ -228,14 +228,14 @@ def quantize_and_report(cfg: DictConfig, prepared: Chain) -> dict:
 
 
 def build(
-    folder: Path, qcfg: DictConfig, fingerprint: Fingerprint, model_dir: Path, data, max_length: int
+    out: Path, name: str, qcfg: DictConfig, fingerprint: Fingerprint, model_dir: Path, data, max_length: int
 ) -> dict:
-    """Quantize or export `model_dir` into `folder` with `qcfg`, unless it was made with the same
+    """Quantize or export `model_dir` into `out/name` with `qcfg`, unless it was made with the same
     `fingerprint`. Returns the settings as used (`auto`'s alpha as its folder records it)."""
     from llm_lightning.quantization.saved import is_quantized_dir, used_settings
     from llm_lightning.quantize import quantize_folder
 
-    name = folder.relative_to(folder.parent.parent) if folder.parent.name == DEPLOY else folder.name
+    folder = out / name
     decision = decide(folder, fingerprint, made_file(folder, qcfg.method))
     print(f"[compress] {name}: {decision.reason}", flush=True)
     if decision.action == REUSE:

@@ -75,3 +75,30 @@ def tiny():
 
     model, tokenizer = load_classifier(OmegaConf.load(CONF / "model" / "tiny.yaml"), ["negative", "positive"])
     return model.eval(), tokenizer
+
+
+@pytest.fixture
+def chain(tmp_path):
+    """The quick_15_layers chain on the tiny model, cut to seconds a stage (tests/test_compress*.py)."""
+    from llm_lightning.chain.compose import load_chain
+
+    chain = load_chain(["recipe=quick_15_layers"])
+    return OmegaConf.merge(
+        chain,
+        {
+            "out": str(tmp_path / "chain"),
+            "common": ["model=tiny", "debug=smoke", "bench=quick", "runtime.threads=1"],
+            # the tiny model has 2 layers: drop 1
+            "stages": {
+                "pruned": [
+                    "model=hf",
+                    "model.name_or_path={teacher}",
+                    "prune=depth",
+                    "prune.remove_layers=1",
+                ],
+                # the shipped recipe's transfer set, cut to a few texts: the tiny teacher labels them too
+                "distilled": [*chain.stages.distilled, "distill.transfer.limit=48"],
+            },
+            "quantize": {"compile": False},
+        },
+    )

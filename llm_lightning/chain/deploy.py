@@ -5,9 +5,9 @@ measured in the same report, so the report shows which one to deploy.
     python -m llm_lightning.compress 'deploy={openvino_int8:{calibration_texts:600},bf16:{}}'
 
 Each entry is a `quantize=` choice (conf/quantize/<choice>.yaml; in the mapping form, with some of
-its keys changed), built from the last
-training stage's model into `<out>/deploy/<choice>/` and fingerprinted like the quantized stage: a
-rerun rebuilds only the ones whose settings or input changed.
+its keys changed), built from the last training stage's model into `<out>/deploy/<choice>/` and
+fingerprinted like the quantized stage: a rerun rebuilds only the ones whose settings or input
+changed.
 """
 
 from __future__ import annotations
@@ -27,10 +27,13 @@ def deploy_configs(chain: DictConfig, quantize_choices: Path) -> dict[str, DictC
     from llm_lightning.quantization.settings import METHODS, check_settings
 
     given = chain.get(DEPLOY) or {}
-    names = [str(c) for c in given]
+    if isinstance(given, str):  # deploy=bf16: one choice
+        given = [given]
+    collection = isinstance(given, ListConfig | list | DictConfig | dict)
+    names = [str(c) for c in given] if collection else [str(given)]
     valid = [m for m in METHODS if m != "none"]
     bad = [c for c in names if c not in valid]
-    if not isinstance(given, ListConfig | list | DictConfig | dict) or bad or len(set(names)) != len(names):
+    if not collection or bad or len(set(names)) != len(names):
         problem = f"{bad} are not quantize choices" if bad else "give each choice once"
         raise UserError(
             f"compress: deploy={given}: {problem}; list choices of {valid}, e.g. [openvino_int8, bf16], "

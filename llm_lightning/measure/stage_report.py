@@ -160,8 +160,9 @@ def fastest_of(rows: list[dict], names: Sequence[str]) -> dict | None:
     if len(chosen) < 2:
         return None
     best = max(chosen, key=lambda r: r[SPEED_KEY])
-    keys = ("stage", SPEED_KEY, "speedup_vs_first", "acc", "vs_first_acc_diff", "vs_first_acc_diff_low")
-    return {k: best[k] for k in (*keys, "vs_first_acc_diff_high") if k in best} | {"among": list(names)}
+    diff = ("vs_first_acc_diff", "vs_first_acc_diff_low", "vs_first_acc_diff_high")
+    keys = ("stage", SPEED_KEY, "speedup_vs_first", "acc", *diff)
+    return {k: best[k] for k in keys if k in best} | {"among": list(names)}
 
 
 def environment() -> dict:

@@ -63,9 +63,8 @@ def load_saved(path: str | Path):
 
         if is_runtime_dir(path):  # an ONNX Runtime or OpenVINO export (llm_lightning/runtimes/)
             model, tokenizer = load_runtime_dir(path)
-        elif is_quantized_dir(
-            path
-        ):  # quantization.json + torchao weights (llm_lightning/quantization/saved.py)
+        # quantization.json + torchao (or bf16) weights (llm_lightning/quantization/saved.py)
+        elif is_quantized_dir(path):
             model, tokenizer = load_quantized(path)
         else:
             model, tokenizer = load_exported(path)

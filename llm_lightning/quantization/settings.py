@@ -206,11 +206,8 @@ def float_problems(qcfg: Mapping) -> list[str]:
             f"quantize.skip={list(qcfg.get('skip'))}: {method} casts the whole model (a layer kept in "
             "fp32 would need its inputs cast back on every call); set quantize.skip=[]."
         )
-    if qcfg.get("smoothquant_alpha") is not None:
-        problems.append(
-            f"quantize.smoothquant_alpha={qcfg.get('smoothquant_alpha')} needs quantize=int8_dynamic; "
-            f"{method} has no int8 activations to smooth: set it to null."
-        )
+    # worded as for the other non-int8_dynamic methods; a cast needs no calibration texts
+    problems += smoothquant_problems(method, qcfg.get("smoothquant_alpha"), DEFAULT_CALIBRATION_TEXTS)
     if qcfg.get("fuse_projections"):
         problems.append(
             f"quantize.fuse_projections=true is for the torchao int8 methods; {method} saves a plain "
