@@ -20,27 +20,39 @@ best against best, not like for like. Current figures: docs/BENCHMARKS.md, "Runt
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
 import torch
-from compare import in_turns, load_all, print_table
+from compare import ORDERS, in_turns, load_all, print_table
+from harness import matmul_rate
 from omegaconf import OmegaConf
 
 from llm_lightning.data import load_task
 from llm_lightning.data.provenance import check_split, read_provenance
 from llm_lightning.measure.bench import BenchSettings, cpu_name, measure, size_on_disk_mb
 from llm_lightning.models.saved import load_saved
+from llm_lightning.quantization.fused_projections import fuse_projections
 from llm_lightning.runtime import conf_dir
 from llm_lightning.runtimes.build import export_runtime
 
-BUILDS = {  # name -> (quantize= choice, its settings)
-    "ort_fp32": ("onnx", {}),
-    "ort_int8_dynamic": ("onnx_int8", {"onnx_mode": "dynamic"}),
-    "ort_int8_static": ("onnx_int8", {"onnx_mode": "static", "calibration_texts": 300}),
-    "ov_fp32": ("openvino", {}),
-    "ov_bf16": ("openvino_bf16", {}),
-    "ov_int8": ("openvino_int8", {"calibration_texts": 300}),
+# name -> (quantize= choice, its settings). Each peer's row is its own documented interface, padded
+# input_ids + attention_mask; the `_packed` rows are the same exports taking packed rows
+# (quantize.inputs=packed, the default of our exports): the project's batching inside their graphs.
+PEER = {"inputs": "padded"}
+BUILDS = {
+    "ort_fp32": ("onnx", PEER),
+    "ort_int8_dynamic": ("onnx_int8", {**PEER, "onnx_mode": "dynamic"}),
+    "ort_int8_static": ("onnx_int8", {**PEER, "onnx_mode": "static", "calibration_texts": 300}),
+    "ov_fp32": ("openvino", PEER),
+    "ov_bf16": ("openvino_bf16", PEER),
+    "ov_int8": ("openvino_int8", {**PEER, "calibration_texts": 300}),
+    "ort_int8_dynamic_packed": ("onnx_int8", {"inputs": "packed", "onnx_mode": "dynamic"}),
+    "ov_bf16_packed": ("openvino_bf16", {"inputs": "packed"}),
+    "ov_int8_packed": ("openvino_int8", {"inputs": "packed", "calibration_texts": 300}),
+    # q/k/v and gate/up stacked into one linear each before export (llm_lightning.quantization.fused_projections)
+    "ov_int8_packed_fused": ("openvino_int8", {"inputs": "packed", "calibration_texts": 300, "fuse": True}),
 }
 
 
@@ -49,6 +61,8 @@ def build_all(model_dir: Path, out: Path, names: list[str], train_texts, max_len
     for name in names:
         choice, settings = BUILDS[name]
         model, tokenizer, _ = load_saved(model_dir)  # a fresh copy: exporters may change the module
+        if settings.get("fuse"):
+            fuse_projections(model)
         started = time.perf_counter()
         path = export_runtime(
             model,
@@ -68,6 +82,29 @@ def build_all(model_dir: Path, out: Path, names: list[str], train_texts, max_len
     return built
 
 
+def decoder_linear_params(model_dir: Path) -> int:
+    """Weights of the decoder layers' linear maps: the int8 matmuls' share of a token's work."""
+    model, *_ = load_saved(model_dir)
+    return sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+
+
+def matmul_share(models: dict, turns: dict, rates: list[float], n_linear: int) -> None:
+    """Each int8 model's tok/s against the ceiling this CPU's int8 multiply allows it: the 2048^3
+    `torch._int_mm` rate over 2 x its decoder linear parameters (issue 21's "int8 matmul share")."""
+    rate = statistics.median(rates)
+    ceiling = rate / (2 * n_linear)
+    print(
+        f"\nint8 matmul share: torch._int_mm 2048^3 {', '.join(f'{r / 1e9:,.0f}' for r in rates)} GOP/s "
+        f"(before and after the turns; median {rate / 1e9:,.0f}), so {ceiling:,.0f} tok/s for "
+        f"{n_linear / 1e6:.1f} M decoder linear weights"
+    )
+    print("| model | split order | of ceiling | sorted by length | of ceiling |\n|---|---|---|---|---|")
+    for name in models:
+        if "int8" in name:
+            got = [statistics.median(turns[order][name]) for order in ORDERS]
+            print(f"| {name} | " + " | ".join(f"{g:,.0f} | {g / ceiling:.0%}" for g in got) + " |")
+
+
 def latencies(models: dict, test, count: int, max_length: int) -> None:
     print(f"\nBatch-1 latency over the first {count} test texts (median of 3 runs per text):")
     print("| model | p50 ms | p95 ms |\n|---|---|---|")
@@ -85,7 +122,7 @@ def main() -> None:
     )
     parser.add_argument("model_dir", type=Path, help="a run's model/ folder: the fp32 baseline")
     parser.add_argument("--out", type=Path, default=Path("outputs/runtimes"))
-    parser.add_argument("--only", nargs="+", choices=list(BUILDS), default=list(BUILDS))
+    parser.add_argument("--only", nargs="*", choices=list(BUILDS), default=list(BUILDS))
     parser.add_argument("--also", nargs="*", default=[], help="NAME=PATH saved models to add")
     parser.add_argument(
         "--padding-free",
@@ -121,13 +158,11 @@ def main() -> None:
     options = argparse.Namespace(padding_free=set(args.padding_free), texts=args.texts)
     models = load_all(paths, data.test, task.max_length, options)
     texts = list(data.test.texts[: args.texts])
-    print_table(
-        models,
-        in_turns(models, texts, args.rounds, task.max_length),
-        list(data.test.labels),
-        args.rounds,
-        len(texts),
-    )
+    rates = [matmul_rate(torch.int8)]
+    turns = in_turns(models, texts, args.rounds, task.max_length)
+    rates.append(matmul_rate(torch.int8))
+    print_table(models, turns, list(data.test.labels), args.rounds, len(texts))
+    matmul_share(models, turns, rates, decoder_linear_params(args.model_dir))
     latencies(models, data.test, args.latency_texts, task.max_length)
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from llm_lightning.data.packing import pack_batch
 from llm_lightning.measure.bench import BenchSettings, measure, token_counts
-from llm_lightning.measure.padding_free import PaddingFree, pack_batch, padding_free
+from llm_lightning.measure.padding_free import PaddingFree, padding_free
 from llm_lightning.quantization.torchao_path import quantize_model
 
 # lengths from 2 to 40 bytes: a batch that packs into fewer rows than texts

@@ -19,19 +19,29 @@ from llm_lightning.runtimes.build import export_runtime
 from llm_lightning.runtimes.folder import snippet_code
 
 TEXTS = [f"review {i}: " + "a good film " * (i % 5) + "dull " * (i % 3) for i in range(48)]
-SNIPPET_TEXTS = ["A moving, funny and beautifully acted film.", "Dull, and far too long."]
+SNIPPET_TEXTS = ["A moving, funny and beautifully acted film.", "Dull, and far too long.", "Loved it."]
 # Largest |logit - fp32 torch logit| allowed (this tiny model's logits are ~0.15 in size). fp32
 # computes the same graph: rounding only. bf16 where the CPU has it (else OpenVINO computes f32).
 # int8 of a random model (no trained structure to keep): measured 0.009 (onnx) and 0.037 (openvino).
+# Each folder's graph takes packed rows (quantize.inputs=packed, the default); "+padded" folders take
+# input_ids and attention_mask, as other tools feed them.
 TOLERANCE = {"openvino": 1e-5, "openvino_bf16": 0.02, "onnx_int8": 0.05, "openvino_int8": 0.05}
+TOLERANCE |= {"onnx+padded": 1e-5, "openvino_int8+padded": 0.05}
 INT8_MARKERS = {"onnx_int8": b"DynamicQuantizeLinear", "openvino_int8": b"FakeQuantize"}
 
 
 @pytest.fixture(scope="module")
 def folders(tiny, tmp_path_factory):
+    from omegaconf import OmegaConf
+
     model, tokenizer = tiny
     root = tmp_path_factory.mktemp("runtimes")
-    return {c: export_runtime(model, tokenizer, c, root / c, TEXTS, 64) for c in TOLERANCE}
+    built = {}
+    for name in TOLERANCE:
+        choice, _, inputs = name.partition("+")
+        settings = OmegaConf.create({"inputs": inputs or "packed"})
+        built[name] = export_runtime(model, tokenizer, choice, root / name, TEXTS, 64, settings)
+    return built
 
 
 def _torch_logits(tiny, texts):
@@ -133,6 +143,8 @@ def test_quantize_writes_a_runtime_folder_and_reports_it(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert [s["stage"] for s in report["stages"]] == ["fp32", "onnx_int8"]
     assert report["stages"][1]["params"] > 0
+    # its graph takes packed rows (the default): the report says its batches ran padding-free
+    assert report["stages"][1]["padding_free"] is True
     # the model file is the folder's size on disk (it once read 0: .onnx files were not counted)
     onnx_mb = (tmp_path / "quantized" / "model.onnx").stat().st_size / 1e6
     assert report["stages"][1]["size_mb"] == pytest.approx(onnx_mb) and onnx_mb > 0
@@ -149,10 +161,13 @@ def test_runtime_settings_are_checked_with_the_others():
     from llm_lightning.errors import UserError
     from llm_lightning.quantization.settings import check_settings
 
-    bad = OmegaConf.create({"method": "onnx_int8", "onnx_mode": "fast", "calibration_texts": 0})
+    bad = OmegaConf.create(
+        {"method": "onnx_int8", "onnx_mode": "fast", "calibration_texts": 0, "inputs": "ragged"}
+    )
     with pytest.raises(UserError) as err:
         check_settings(bad)
     assert "quantize.onnx_mode='fast' is not one of ('dynamic', 'static')" in str(err.value)
+    assert "quantize.inputs='ragged' is not one of ('packed', 'padded')" in str(err.value)
     assert "quantize.calibration_texts=0 must be >= 1" in str(err.value)
     check_settings(OmegaConf.create({"method": "openvino_bf16"}))  # no calibration: nothing to check
 
@@ -168,3 +183,38 @@ def test_a_runtime_folder_with_an_unknown_precision_is_refused(folders, tmp_path
     (copy / RUNTIME_FILE).write_text(json.dumps({**meta, "precision": "int4"}))
     with pytest.raises(UserError, match=r"precision='int4' is not one of \['bf16', 'fp32', 'int8'\]"):
         load_runtime_dir(copy)
+
+
+def test_a_packed_graph_computes_fewer_rows_and_the_padded_logits(folders, tiny):
+    """The packed graph's rows hold several texts (fewer rows than texts, no padding between them),
+    and each text's logits are the padded torch model's: texts packed together do not see each other."""
+    from llm_lightning.runtimes.inputs import feed
+
+    model, tokenizer = tiny
+    enc = tokenizer(TEXTS[:16], padding=True, truncation=True, max_length=64, return_tensors="np")
+    fed = feed(enc["input_ids"], enc["attention_mask"], "packed", tokenizer.pad_token_id)
+    assert fed["input_ids"].shape[0] < 16 and fed["input_ids"].shape[1] == enc["input_ids"].shape[1]
+    assert fed["input_ids"].size < enc["input_ids"].size
+    assert sorted(fed["last"].tolist()) == sorted(set(fed["last"].tolist()))  # one token a text
+    reference = _torch_logits(tiny, TEXTS[:16])
+    for name in ("openvino", "onnx+padded"):  # fp32 graphs: rounding only
+        runtime_model, *_ = load_saved(folders[name])
+        assert runtime_model.inputs == ("padded" if "padded" in name else "packed")
+        got = runtime_model(
+            torch.from_numpy(enc["input_ids"]), torch.from_numpy(enc["attention_mask"])
+        ).logits
+        assert np.abs(got.numpy() - reference).max() <= 1e-5
+    # a padded batch fed to the packed graph as it is (one text a row) gives the same logits
+    from llm_lightning.runtimes.openvino import load
+
+    packed_model, _ = load(
+        folders["openvino"], json.loads((folders["openvino"] / "runtime.json").read_text())
+    )
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    width = ids.shape[1]
+    one_a_row = {
+        "input_ids": ids,
+        "position_ids": np.broadcast_to(np.arange(width), ids.shape).copy(),
+        "last": np.arange(len(ids)) * width + mask.sum(1) - 1,
+    }
+    assert np.abs(packed_model.run(one_a_row) - reference).max() <= 1e-5

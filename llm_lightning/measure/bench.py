@@ -15,7 +15,8 @@
   high-water mark is reset first), so it includes the Python and torch runtime (~0.4 GB).
 - `size_mb`: weight files in the model's folder; `params`: parameter count (logical elements).
 - `padding_free`: True when batches ran packed into unpadded rows (`settings.padding_free`, on
-  models llm_lightning.measure.padding_free can pack for); accuracy and speed are then of packed batches.
+  models llm_lightning.measure.padding_free can pack for, and runtime folders whose graph takes packed
+  rows, which pack every batch themselves); accuracy and speed are then of packed batches.
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ def measure(
         model = padding_free(model, pad_id)
     result: dict = {
         "params": params,
-        "padding_free": isinstance(model, PaddingFree),
+        # a runtime folder whose graph takes packed rows packs its batches itself (llm_lightning.runtimes.inputs)
+        "padding_free": isinstance(model, PaddingFree) or bool(getattr(model, "packs_batches", False)),
         "size_mb": size_on_disk_mb(path),
         "threads": float(torch.get_num_threads()),
     }

@@ -2,11 +2,12 @@
 
 A batch of texts is padded to its longest text; at batch 16 on Rotten Tomatoes test texts in
 their given order, 45% of the tokens are padding (3,189 real tokens in 5,808), and a model spends
-as long on a padding token as on a real one. Here the texts go first-fit, longest first, into
-rows as wide as the longest text, each text with position ids from 0: transformers (5.24 here)
-reads restarting position ids as packed sequences and masks attention to stay inside each text
-(`masking_utils.find_packed_sequence_indices`), so every text is computed as if alone. Each
-text's class comes from its own last token, as `*ForSequenceClassification` pools it.
+as long on a padding token as on a real one. Here the texts are packed (llm_lightning.data.packing:
+first-fit, longest first, into rows as wide as the longest text, each text with position ids from
+0), and transformers (5.24 here) reads restarting position ids as packed sequences and masks
+attention to stay inside each text (`masking_utils.find_packed_sequence_indices`), so every text
+is computed as if alone. Each text's class comes from its own last token, as
+`*ForSequenceClassification` pools it.
 
 Ratios measured in docs/BENCHMARKS.md, "Padding-free batches".
 """
@@ -15,58 +16,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
+from llm_lightning.data.packing import pack_batch
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PackedBatch:
-    input_ids: torch.Tensor  # (rows, width): texts side by side, the rest of a row is padding
-    position_ids: torch.Tensor  # (rows, width): 0, 1, ... for each text, and for each row's padding
-    rows: torch.Tensor  # (texts,): the row of each text's last token, in the batch's order
-    cols: torch.Tensor  # (texts,): its column
-
-
-def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int) -> PackedBatch | None:
-    """The texts of a padded batch (right- or left-padded) packed into fewer rows, or None when
-    they would need as many rows as there are texts (equal lengths) or a text is empty."""
-    keep = attention_mask.bool()
-    lengths = keep.sum(dim=1).tolist()
-    if len(lengths) < 2 or min(lengths) == 0:
-        return None
-    width = max(lengths)
-    rows: list[list[int]] = []  # the texts in each row
-    room: list[int] = []  # free columns left in each row
-    for text in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        row = next((r for r, free in enumerate(room) if free >= lengths[text]), None)
-        if row is None:
-            rows.append([])
-            room.append(width)
-            row = len(rows) - 1
-        rows[row].append(text)
-        room[row] -= lengths[text]
-    if len(rows) == len(lengths):
-        return None
-    ids = torch.full((len(rows), width), pad_id, dtype=input_ids.dtype, device=input_ids.device)
-    positions = torch.empty((len(rows), width), dtype=torch.long, device=input_ids.device)
-    last_row = torch.empty(len(lengths), dtype=torch.long, device=input_ids.device)
-    last_col = torch.empty_like(last_row)
-    count = torch.arange(width, device=input_ids.device)
-    for r, texts in enumerate(rows):
-        at = 0
-        for text in texts:
-            n = lengths[text]
-            ids[r, at : at + n] = input_ids[text][keep[text]]
-            positions[r, at : at + n] = count[:n]
-            last_row[text], last_col[text] = r, at + n - 1
-            at += n
-        positions[r, at:] = count[: width - at]  # the row's padding: a sequence of its own
-    return PackedBatch(ids, positions, last_row, last_col)
 
 
 class PaddingFree(nn.Module):
@@ -111,8 +68,8 @@ def can_pack(model: nn.Module) -> bool:
 def padding_free(model: nn.Module, pad_id: int | None) -> nn.Module:
     """`model` wrapped to run its batches padding-free, or `model` itself where it cannot be
     (another architecture, no pad token): then batches stay padded, and the log says so."""
-    if isinstance(model, PaddingFree):
-        return model
+    if isinstance(model, PaddingFree) or getattr(model, "packs_batches", False):
+        return model  # packed already, or packs its own batches (a runtime folder's packed graph)
     if pad_id is None or not can_pack(model):
         log.info(
             "Batches stay padded: %s is not a transformers decoder classifier to pack for "

@@ -17,6 +17,7 @@ from torch import nn
 from llm_lightning.errors import UnsupportedError, UserError
 from llm_lightning.runtimes import CHOICES as RUNTIME_EXPORTS
 from llm_lightning.runtimes import require as require_runtime
+from llm_lightning.runtimes.inputs import INPUTS as GRAPH_INPUTS
 from llm_lightning.runtimes.onnx import MODES as ONNX_MODES
 
 TORCHAO_METHODS = ("int8_dynamic", "int8_weight_only", "int4_weight_only")
@@ -217,7 +218,8 @@ def float_problems(qcfg: Mapping) -> list[str]:
 
 
 def runtime_problems(qcfg: Mapping, data=None) -> list[str]:
-    """A runtime export's settings: its packages installed, the ONNX mode, calibration texts."""
+    """A runtime export's settings: its packages installed, its graph's inputs, the ONNX mode,
+    calibration texts."""
     problems = []
     try:
         require_runtime(qcfg.get("method"))
@@ -226,6 +228,9 @@ def runtime_problems(qcfg: Mapping, data=None) -> list[str]:
     mode = qcfg.get("onnx_mode")
     if mode is not None and mode not in ONNX_MODES:
         problems.append(f"quantize.onnx_mode={mode!r} is not one of {ONNX_MODES}.")
+    inputs = qcfg.get("inputs")
+    if inputs is not None and inputs not in GRAPH_INPUTS:
+        problems.append(f"quantize.inputs={inputs!r} is not one of {GRAPH_INPUTS}.")
     int8 = RUNTIME_EXPORTS[qcfg.get("method")][1] == "int8"
     texts = qcfg.get("calibration_texts")
     if int8 and texts is not None and int(texts) < 1:

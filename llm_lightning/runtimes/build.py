@@ -8,9 +8,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from llm_lightning.runtimes import CHOICES, require
-from llm_lightning.runtimes.folder import example_inputs
+from llm_lightning.runtimes.inputs import ExportInputs, example_inputs
 
-DEFAULTS = {"calibration_texts": 300, "onnx_mode": "dynamic", "smooth_quant_alpha": 0.95}
+DEFAULTS = {"calibration_texts": 300, "onnx_mode": "dynamic", "smooth_quant_alpha": 0.95, "inputs": "packed"}
 
 
 def export_runtime(
@@ -33,7 +33,8 @@ def export_runtime(
     calibration = (
         tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if precision == "int8" else []
     )
-    inputs = example_inputs(tokenizer, texts, max_length)
+    inputs = qcfg.get("inputs") or DEFAULTS["inputs"]
+    given = ExportInputs(inputs, example_inputs(tokenizer, texts, max_length, inputs), calibration)
     model = model.eval()
     # eager attention traces into plain matmuls and a softmax that both runtimes fuse; SDPA's mask
     # handling exports as extra graph and some converters do not map it
@@ -43,10 +44,8 @@ def export_runtime(
         from llm_lightning.runtimes import onnx
 
         mode = qcfg.get("onnx_mode") or DEFAULTS["onnx_mode"]
-        return onnx.save(model, tokenizer, target, precision, inputs, calibration, max_length, mode, training)
+        return onnx.save(model, tokenizer, target, precision, given, max_length, mode, training)
     from llm_lightning.runtimes import openvino
 
     alpha = float(qcfg.get("smooth_quant_alpha") or DEFAULTS["smooth_quant_alpha"])
-    return openvino.save(
-        model, tokenizer, target, precision, inputs, calibration, max_length, alpha, training
-    )
+    return openvino.save(model, tokenizer, target, precision, given, max_length, alpha, training)

@@ -15,6 +15,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from llm_lightning.artifacts import atomic_dir, write_json
 from llm_lightning.data.batching import right_padded
 from llm_lightning.runtimes import RUNTIME_FILE
+from llm_lightning.runtimes.inputs import feed
 
 SNIPPET = """# {title}
 
@@ -27,16 +28,48 @@ from tokenizers import Tokenizer
 meta = json.load(open("runtime.json"))
 tokenizer = Tokenizer.from_file("tokenizer.json")
 tokenizer.enable_truncation(meta["max_length"])
-tokenizer.enable_padding(pad_id=meta["pad_token_id"])  # right padding: the model pools the last real token
 {load_line}
-texts = ["A moving, funny and beautifully acted film.", "Dull, and far too long."]
-batch = tokenizer.encode_batch(texts)
-ids = np.array([b.ids for b in batch], dtype=np.int64)
-mask = np.array([b.attention_mask for b in batch], dtype=np.int64)
+texts = ["A moving, funny and beautifully acted film.", "Dull, and far too long.", "Loved it."]
+{batch}
 {run_line}
 print([meta["labels"][i] for i in logits.argmax(-1)])
 ```
-"""
+{notes}"""
+BATCH = {
+    "padded": """tokenizer.enable_padding(pad_id=meta["pad_token_id"])  # right padding: the model pools the last real token
+batch = tokenizer.encode_batch(texts)
+ids = np.array([b.ids for b in batch], dtype=np.int64)
+mask = np.array([b.attention_mask for b in batch], dtype=np.int64)
+inputs = {"input_ids": ids, "attention_mask": mask}""",
+    # the packing of llm_lightning.data.packing, in numpy
+    "packed": """tokenizer.no_padding()  # packed rows hold whole texts, no padding between them
+rows = [e.ids for e in tokenizer.encode_batch(texts)]
+width, lines = max(map(len, rows)), []  # rows of the graph: lists of texts side by side
+for i in sorted(range(len(rows)), key=lambda i: -len(rows[i])):
+    line = next((ln for ln in lines if sum(len(rows[j]) for j in ln) + len(rows[i]) <= width), None)
+    if line is None:
+        lines.append(line := [])
+    line.append(i)
+ids = np.full((len(lines), width), meta["pad_token_id"], dtype=np.int64)
+positions, last = np.zeros_like(ids), np.zeros(len(rows), dtype=np.int64)
+for r, line in enumerate(lines):
+    at = 0
+    for i in line:
+        n = len(rows[i])
+        ids[r, at : at + n], positions[r, at : at + n] = rows[i], np.arange(n)
+        last[i], at = r * width + at + n - 1, at + n
+    positions[r, at:] = np.arange(width - at)  # the row's padding: a text of its own
+inputs = {"input_ids": ids, "position_ids": positions, "last": last}""",
+}
+NOTES = {
+    "padded": "",
+    "packed": """
+The graph takes packed rows: several texts side by side in a row, each text's position ids counting
+from 0 (that is how the graph keeps texts apart), and `last`, the flat index `row * width + column`
+of each text's last token; it returns one row of logits per text, in the order of `last`. A padded
+batch works too: position ids `0 .. width-1` in every row and `last = row * width + length - 1`.
+""",
+}
 
 
 def snippet_code(readme: str) -> str:
@@ -56,6 +89,8 @@ def write_folder(
     """Write a runtime folder atomically: `write_model(tmp)` adds the model file(s)."""
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     meta = {**meta, "labels": labels, "pad_token_id": int(tokenizer.pad_token_id)}
+    inputs = meta["inputs"]
+    readme = {**readme, "batch": BATCH[inputs], "notes": NOTES[inputs]}
 
     def write(tmp: Path) -> None:
         write_model(tmp)
@@ -72,49 +107,31 @@ def write_folder(
 class RuntimeClassifier(nn.Module):
     """A classifier that runs in another runtime, called like a transformers one.
 
-    `run(input_ids, attention_mask)` takes and returns numpy arrays; `parameter_count` is the
-    exported graph's weight count (the bench's `params`), since the weights are not torch tensors.
+    `run(inputs)` takes the graph's named numpy inputs (llm_lightning.runtimes.inputs) and returns
+    its logits; a padded batch is fed as the folder's graph takes it, packed where it is packed.
+    `parameter_count` is the exported graph's weight count (the bench's `params`), since the weights
+    are not torch tensors.
     """
 
     def __init__(
         self,
         path: Path,
         meta: dict,
-        run: Callable[[np.ndarray, np.ndarray], np.ndarray],
+        run: Callable[[dict[str, np.ndarray]], np.ndarray],
         parameter_count: int,
     ):
         super().__init__()
         self.config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         self.meta, self.run, self.parameter_count = meta, run, int(parameter_count)
+        self.inputs = meta.get("inputs", "padded")  # folders written before packed graphs are padded
+        self.packs_batches = self.inputs == "packed"  # what the bench reports as padding-free
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SequenceClassifierOutput:
-        logits = self.run(input_ids.numpy().astype(np.int64), attention_mask.numpy().astype(np.int64))
+        fed = feed(input_ids.numpy(), attention_mask.numpy(), self.inputs, self.meta["pad_token_id"])
+        logits = self.run(fed)
         return SequenceClassifierOutput(logits=torch.from_numpy(np.asarray(logits, dtype=np.float32)))
 
 
 def tokenizer_of(path: Path):
     """The folder's tokenizer, right-padded with a pad token: the classifier pools the last real token."""
     return right_padded(AutoTokenizer.from_pretrained(path, trust_remote_code=False))
-
-
-class Traceable(nn.Module):
-    """`(input_ids, attention_mask) -> logits`: the signature both exporters trace."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
-def example_inputs(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A right-padded batch of two rows of different lengths (the shortest and longest of `texts`),
-    so that the traced graph sees padding and keeps batch and sequence dynamic."""
-    rows = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-    by_length = {len(r): text for r, text in zip(rows, texts, strict=True)}
-    if len(by_length) < 2:
-        raise ValueError("example_inputs needs two texts of different token lengths")
-    two = [by_length[min(by_length)], by_length[max(by_length)]]
-    enc = tokenizer(two, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]

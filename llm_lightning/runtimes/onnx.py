@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from llm_lightning.runtimes.folder import RuntimeClassifier, Traceable, tokenizer_of, write_folder
+from llm_lightning.runtimes.folder import RuntimeClassifier, tokenizer_of, write_folder
+from llm_lightning.runtimes.inputs import NAMES, ExportInputs, dynamic_shapes, graph, one_text
 
 MODEL_FILE = "model.onnx"
 MODES = ("dynamic", "static")
@@ -28,17 +29,15 @@ def _has_vnni() -> bool:
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
 
 
-def export(model: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor], path: Path) -> None:
-    """`model` traced by torch.export into one ONNX file, batch and sequence dynamic."""
-    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    axes = {0: batch, 1: sequence}
+def export(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path, inputs: str) -> None:
+    """`model` traced by torch.export into one ONNX file, its `inputs` graph with every axis dynamic."""
     with torch.no_grad():
         program = torch.onnx.export(
-            Traceable(model).eval(),
-            inputs,
-            input_names=["input_ids", "attention_mask"],
+            graph(model, inputs),
+            example,
+            input_names=list(NAMES[inputs]),
             output_names=["logits"],
-            dynamic_shapes={"input_ids": axes, "attention_mask": axes},
+            dynamic_shapes=dynamic_shapes(inputs),
             dynamo=True,
         )
     program.save(str(path), external_data=False)
@@ -47,18 +46,15 @@ def export(model: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor], path: Pa
 class _Calibration:
     """ORT's CalibrationDataReader protocol over token rows, one text per run."""
 
-    def __init__(self, rows: list[list[int]]):
-        self.rows = iter(rows)
+    def __init__(self, rows: list[list[int]], inputs: str, pad_id: int):
+        self.rows, self.inputs, self.pad_id = iter(rows), inputs, pad_id
 
     def get_next(self) -> dict | None:
         row = next(self.rows, None)
-        if row is None:
-            return None
-        ids = np.array([row], dtype=np.int64)
-        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        return None if row is None else one_text(row, self.inputs, self.pad_id)
 
 
-def quantize(src: Path, dst: Path, mode: str, calibration: list[list[int]]) -> None:
+def quantize(src: Path, dst: Path, mode: str, calibration: _Calibration) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     if mode not in MODES:
@@ -70,7 +66,7 @@ def quantize(src: Path, dst: Path, mode: str, calibration: list[list[int]]) -> N
     quantize_static(
         src,
         dst,
-        _Calibration(calibration),
+        calibration,
         quant_format=QuantFormat.QDQ,
         per_channel=True,
         reduce_range=reduce,
@@ -81,23 +77,27 @@ def quantize(src: Path, dst: Path, mode: str, calibration: list[list[int]]) -> N
 
 
 def save(
-    model, tokenizer, target: Path, precision: str, inputs, calibration, max_length: int, mode: str, training
+    model, tokenizer, target: Path, precision: str, given: ExportInputs, max_length: int, mode: str, training
 ):
     """Write an ONNX Runtime folder (see llm_lightning.runtimes) for `precision` fp32 or int8."""
     import onnxruntime
 
+    inputs = given.inputs
+
     def write_model(tmp: Path) -> None:
         if precision == "fp32":
-            export(model, inputs, tmp / MODEL_FILE)
+            export(model, given.example, tmp / MODEL_FILE, inputs)
             return
         with tempfile.TemporaryDirectory() as scratch:
-            export(model, inputs, Path(scratch) / "fp32.onnx")
-            quantize(Path(scratch) / "fp32.onnx", tmp / MODEL_FILE, mode, calibration)
+            export(model, given.example, Path(scratch) / "fp32.onnx", inputs)
+            rows = _Calibration(given.calibration, inputs, tokenizer.pad_token_id)
+            quantize(Path(scratch) / "fp32.onnx", tmp / MODEL_FILE, mode, rows)
 
     meta = {
         "runtime": "onnxruntime",
         "precision": precision,
         "mode": mode if precision == "int8" else None,
+        "inputs": inputs,
         "model": MODEL_FILE,
         "max_length": int(max_length),
         "onnxruntime": onnxruntime.__version__,
@@ -108,7 +108,7 @@ def save(
         "pip": "onnxruntime",
         "import_line": "import onnxruntime as ort",
         "load_line": 'session = ort.InferenceSession(meta["model"], providers=["CPUExecutionProvider"])',
-        "run_line": 'logits = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]',
+        "run_line": "logits = session.run(None, inputs)[0]",
     }
     return write_folder(target, model, tokenizer, meta, write_model, readme, training)
 
@@ -124,7 +124,7 @@ def load(path: Path, meta: dict):
     graph = onnx.load(str(path / meta["model"]), load_external_data=False).graph
     count = sum(int(np.prod(t.dims)) for t in graph.initializer)
 
-    def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    def run(fed: dict[str, np.ndarray]) -> np.ndarray:
+        return session.run(None, fed)[0]
 
     return RuntimeClassifier(path, meta, run, count), tokenizer_of(path)

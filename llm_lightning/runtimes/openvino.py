@@ -13,35 +13,32 @@ import numpy as np
 import torch
 from torch import nn
 
-from llm_lightning.runtimes.folder import RuntimeClassifier, Traceable, tokenizer_of, write_folder
+from llm_lightning.runtimes.folder import RuntimeClassifier, tokenizer_of, write_folder
+from llm_lightning.runtimes.inputs import ExportInputs, graph, one_text
 
 MODEL_FILE = "model.xml"
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": None}  # None: OpenVINO's default for the CPU
 
 
-def convert(model: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor]):
+def convert(model: nn.Module, given: ExportInputs):
     import openvino as ov
 
     with torch.no_grad():
-        return ov.convert_model(Traceable(model).eval(), example_input=inputs)
+        return ov.convert_model(graph(model, given.inputs), example_input=given.example)
 
 
-def quantize(ov_model, calibration: list[list[int]], smooth_quant_alpha: float):
+def quantize(ov_model, given: ExportInputs, pad_id: int, smooth_quant_alpha: float):
     import nncf
     from nncf.quantization.advanced_parameters import (
         AdvancedQuantizationParameters,
         AdvancedSmoothQuantParameters,
     )
 
-    def feed(row: list[int]) -> dict:
-        ids = np.array([row], dtype=np.int64)
-        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-
     return nncf.quantize(
         ov_model,
-        nncf.Dataset(calibration, feed),
+        nncf.Dataset(given.calibration, lambda row: one_text(row, given.inputs, pad_id)),
         model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(calibration),
+        subset_size=len(given.calibration),
         advanced_parameters=AdvancedQuantizationParameters(
             smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=smooth_quant_alpha)
         ),
@@ -53,8 +50,7 @@ def save(
     tokenizer,
     target: Path,
     precision: str,
-    inputs,
-    calibration,
+    given: ExportInputs,
     max_length: int,
     alpha: float,
     training,
@@ -63,9 +59,9 @@ def save(
     import openvino as ov
 
     def write_model(tmp: Path) -> None:
-        converted = convert(model, inputs)
+        converted = convert(model, given)
         if precision == "int8":
-            converted = quantize(converted, calibration, alpha)
+            converted = quantize(converted, given, tokenizer.pad_token_id, alpha)
         ov.save_model(converted, str(tmp / MODEL_FILE), compress_to_fp16=False)
 
     meta = {
@@ -73,6 +69,7 @@ def save(
         "precision": precision,
         "inference_precision_hint": HINTS[precision],
         "smooth_quant_alpha": alpha if precision == "int8" else None,
+        "inputs": given.inputs,
         "model": MODEL_FILE,
         "max_length": int(max_length),
         "openvino": ov.__version__,
@@ -84,7 +81,7 @@ def save(
         "pip": "openvino",
         "import_line": "import openvino as ov",
         "load_line": f'compiled = ov.Core().compile_model(meta["model"], "CPU"{hint})',
-        "run_line": 'logits = compiled({"input_ids": ids, "attention_mask": mask})[0]',
+        "run_line": "logits = compiled(inputs)[0]",
     }
     return write_folder(target, model, tokenizer, meta, write_model, readme, training)
 
@@ -105,7 +102,7 @@ def load(path: Path, meta: dict):
         if op.get_type_name() == "Constant" and len(op.get_output_shape(0)) >= 1
     )
 
-    def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return compiled({"input_ids": ids, "attention_mask": mask})[0]
+    def run(fed: dict[str, np.ndarray]) -> np.ndarray:
+        return compiled(fed)[0]
 
     return RuntimeClassifier(path, meta, run, count), tokenizer_of(path)
