@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 from torch import nn
+from transformers import GPT2Config, LlamaConfig
 
-from llm_lightning.data.packing import pack_batch
+from llm_lightning.data.packing import ATTENTION_SLOWDOWN, cheapest_rows, pack_batch, pair_cost
 from llm_lightning.measure.bench import BenchSettings, measure, token_counts
 from llm_lightning.measure.padding_free import PaddingFree, padding_free
 from llm_lightning.quantization.torchao_path import quantize_model
@@ -67,11 +68,15 @@ def test_left_padded_batches_give_the_same_logits(tiny):
     )
 
 
-def test_each_text_sits_whole_in_one_row_with_its_own_positions(tiny):
+@pytest.mark.parametrize("cost", [None, 1e-4])
+def test_each_text_sits_whole_in_one_row_with_its_own_positions(tiny, cost):
     _, tokenizer = tiny
     ids, mask = padded(tokenizer, TEXTS)
-    packed = pack_batch(ids, mask, tokenizer.pad_token_id)
-    assert packed.input_ids.shape[1] == mask.shape[1]  # rows as wide as the longest text
+    packed = pack_batch(ids, mask, tokenizer.pad_token_id, pair_cost=cost)
+    if cost is None:
+        assert packed.input_ids.shape[1] == mask.shape[1]  # rows as wide as the longest text
+    else:
+        assert packed.input_ids.shape[1] > mask.shape[1]  # wider: the cheaper rows for this cost
     for text, (row, col) in enumerate(zip(packed.rows.tolist(), packed.cols.tolist(), strict=True)):
         n = int(mask[text].sum())
         start = col - n + 1
@@ -83,6 +88,48 @@ def test_each_text_sits_whole_in_one_row_with_its_own_positions(tiny):
         for i in range(int(mask[t].sum()))
     }
     assert len(cells) == int(mask.sum())  # no two texts share a cell
+
+
+def test_rows_of_the_cheapest_width_hold_more_texts():
+    # lengths 10, 6, 6, 6: as wide as the longest, no two 6s share a row (4 rows, 40 slots); 16 wide,
+    # two rows hold them all (32 slots) for more attention pairs (2 x 16^2 against 4 x 10^2)
+    assert cheapest_rows([10, 6, 6, 6], None) == (10, [[0], [1], [2], [3]])
+    assert cheapest_rows([10, 6, 6, 6], 0.01) == (16, [[0, 1], [2, 3]])
+    assert cheapest_rows([10, 6, 6, 6], 1.0)[0] == 10  # attention dear: the narrow rows win
+    assert cheapest_rows([5, 4], 0.0) == (9, [[0, 1]])  # never wider than all the texts together
+
+
+def test_wider_rows_compute_fewer_slots_and_the_padded_logits(tiny):
+    model, tokenizer = tiny
+    ids, mask = padded(tokenizer, TEXTS)
+    narrow = pack_batch(ids, mask, tokenizer.pad_token_id)
+    wide = pack_batch(ids, mask, tokenizer.pad_token_id, pair_cost=1e-4)
+    assert wide.input_ids.numel() < narrow.input_ids.numel()
+    wrapped = PaddingFree(model, tokenizer.pad_token_id)
+    wrapped.pair_cost = 1e-4
+    torch.testing.assert_close(logits(wrapped, ids, mask), logits(model, ids, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_pair_cost_reads_a_llama3_shaped_config():
+    # Llama-3-shaped: GQA (32 heads, 8 KV heads) and an explicit head_dim, here wider than
+    # hidden / heads so that reading it matters: q and o 2048 x 4096, k and v 2048 x 1024
+    config = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
+    linear = 2048 * 128 * (2 * 32 + 2 * 8) + 3 * 2048 * 8192
+    assert pair_cost(config) == pytest.approx(ATTENTION_SLOWDOWN * 2 * 32 * 128 / linear)
+    assert pair_cost(GPT2Config()) is None  # another shape: rows stay as wide as the longest text
 
 
 def test_batches_that_cannot_pack_run_as_they_are(tiny):

@@ -218,3 +218,7 @@ def test_a_packed_graph_computes_fewer_rows_and_the_padded_logits(folders, tiny)
         "last": np.arange(len(ids)) * width + mask.sum(1) - 1,
     }
     assert np.abs(packed_model.run(one_a_row) - reference).max() <= 1e-5
+    # rows wider than the longest text (a small pair cost), as the folder's classifier may pack them
+    wide = feed(enc["input_ids"], enc["attention_mask"], "packed", tokenizer.pad_token_id, pair_cost=1e-4)
+    assert wide["input_ids"].shape[1] > width and wide["input_ids"].size < fed["input_ids"].size
+    assert np.abs(packed_model.run(wide) - reference).max() <= 1e-5

@@ -14,6 +14,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from llm_lightning.artifacts import atomic_dir, write_json
 from llm_lightning.data.batching import right_padded
+from llm_lightning.data.packing import pair_cost
 from llm_lightning.runtimes import RUNTIME_FILE
 from llm_lightning.runtimes.inputs import feed
 
@@ -68,6 +69,8 @@ The graph takes packed rows: several texts side by side in a row, each text's po
 from 0 (that is how the graph keeps texts apart), and `last`, the flat index `row * width + column`
 of each text's last token; it returns one row of logits per text, in the order of `last`. A padded
 batch works too: position ids `0 .. width-1` in every row and `last = row * width + length - 1`.
+Rows may be of any width: this snippet makes them as wide as the longest text; llm_lightning packs
+into the width that costs least, often wider (fewer, fuller rows).
 """,
 }
 
@@ -122,13 +125,19 @@ class RuntimeClassifier(nn.Module):
     ):
         super().__init__()
         self.config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-        self.meta, self.run, self.parameter_count = meta, run, int(parameter_count)
+        self.path, self.meta, self.run, self.parameter_count = Path(path), meta, run, int(parameter_count)
         self.inputs = meta.get("inputs", "padded")  # folders written before packed graphs are padded
         self.packs_batches = self.inputs == "packed"  # what the bench reports as padding-free
+        self.pair_cost = pair_cost(self.config)  # packed rows of the cheapest width
+
+    def feed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, np.ndarray]:
+        """A padded batch as this folder's graph takes it (llm_lightning.runtimes.inputs.feed)."""
+        return feed(
+            input_ids.numpy(), attention_mask.numpy(), self.inputs, self.meta["pad_token_id"], self.pair_cost
+        )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SequenceClassifierOutput:
-        fed = feed(input_ids.numpy(), attention_mask.numpy(), self.inputs, self.meta["pad_token_id"])
-        logits = self.run(fed)
+        logits = self.run(self.feed(input_ids, attention_mask))
         return SequenceClassifierOutput(logits=torch.from_numpy(np.asarray(logits, dtype=np.float32)))
 
 

@@ -97,9 +97,14 @@ def dynamic_shapes(inputs: str) -> dict:
 
 
 def feed(
-    input_ids: np.ndarray, attention_mask: np.ndarray, inputs: str, pad_id: int
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    inputs: str,
+    pad_id: int,
+    pair_cost: float | None = None,
 ) -> dict[str, np.ndarray]:
-    """A padded batch (numpy, right- or left-padded) as the graph's named inputs."""
+    """A padded batch (numpy, right- or left-padded) as the graph's named inputs; packed rows are
+    of the cheapest width for `pair_cost` (llm_lightning.data.packing), or the longest text's."""
     input_ids, attention_mask = np.asarray(input_ids, np.int64), np.asarray(attention_mask, np.int64)
     if inputs == "padded":
         return {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -107,7 +112,9 @@ def feed(
     mask[mask.sum(axis=1) == 0, 0] = (
         1  # an empty text: its one pad token stands in, as padded batches pool it
     )
-    packed = pack_batch(torch.from_numpy(input_ids), torch.from_numpy(mask), pad_id, always=True)
+    packed = pack_batch(
+        torch.from_numpy(input_ids), torch.from_numpy(mask), pad_id, always=True, pair_cost=pair_cost
+    )
     width = packed.input_ids.shape[1]
     return {
         "input_ids": packed.input_ids.numpy(),
