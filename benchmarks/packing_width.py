@@ -101,7 +101,7 @@ def packing_counts(
 
 def widths_in_turns(models: dict, tokenizer, texts, max_length: int, rounds: int) -> None:
     print(
-        "\n| model | order | rows as wide as | slots | real | pairs | tok/s (median, range) | vs longest | max logit diff |"
+        "\n| model | order | rows as wide as | slots | real | pairs | tok/s (median, range) | median vs longest's | max logit diff |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, model in models.items():

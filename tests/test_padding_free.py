@@ -13,6 +13,7 @@ from llm_lightning.data.packing import ATTENTION_SLOWDOWN, cheapest_rows, pack_b
 from llm_lightning.measure.bench import BenchSettings, measure, token_counts
 from llm_lightning.measure.padding_free import PaddingFree, padding_free
 from llm_lightning.quantization.torchao_path import quantize_model
+from tests.test_llama3_shapes import ROPE
 
 # lengths from 2 to 40 bytes: a batch that packs into fewer rows than texts
 TEXTS = [
@@ -119,13 +120,7 @@ def test_pair_cost_reads_a_llama3_shaped_config():
         num_attention_heads=32,
         num_key_value_heads=8,
         head_dim=128,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        rope_scaling=ROPE,
     )
     linear = 2048 * 128 * (2 * 32 + 2 * 8) + 3 * 2048 * 8192
     assert pair_cost(config) == pytest.approx(ATTENTION_SLOWDOWN * 2 * 32 * 128 / linear)

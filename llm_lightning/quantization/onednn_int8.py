@@ -14,6 +14,7 @@ one opaque kernel and still fuses the quantization around it. Measured in docs/B
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 
@@ -50,8 +51,6 @@ def packed_matmul_is_fast() -> bool:
     up-projection shape, timed once per process against `torch._int_mm` (best of 3 after a warm-up),
     tells the kinds apart: a reference kernel is tens of times slower, so a 2x margin is no coin toss.
     """
-    import time
-
     gen = torch.Generator().manual_seed(0)
     q = torch.randint(-127, 128, (32, 576), dtype=torch.int8, generator=gen)
     w = torch.randint(-127, 128, (1536, 576), dtype=torch.int8, generator=gen)
@@ -60,20 +59,21 @@ def packed_matmul_is_fast() -> bool:
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
     scales, plain = torch.ones(1536), w.T.contiguous()
-
-    def best(run) -> float:
-        run()
-        times = []
-        for _ in range(3):
-            started = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - started)
-        return min(times)
-
     with torch.inference_mode():
-        return best(lambda: int8_linear_packed(q, packed, scales)) <= 2 * best(
+        return best_of_three(lambda: int8_linear_packed(q, packed, scales)) <= 2 * best_of_three(
             lambda: torch._int_mm(q, plain)
         )
+
+
+def best_of_three(run) -> float:
+    """The fastest of three timed calls of `run`, after one untimed warm-up call."""
+    run()
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times)
 
 
 @functools.cache
