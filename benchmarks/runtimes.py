@@ -106,11 +106,12 @@ def matmul_share(models: dict, turns: dict, rates: list[float], n_linear: int) -
 
 
 def throughput_hint(models: dict, texts: list[str], rounds: int, max_length: int) -> None:
-    """Each OpenVINO folder compiled again with OpenVINO's documented setting for throughput,
+    """Each OpenVINO folder two ways, timed pass by pass in turns (a pass: all `texts` in batches
+    of 16), both orders: compiled again with OpenVINO's documented setting for throughput,
     PERFORMANCE_HINT=THROUGHPUT (as many streams as it picks, each on its share of the cores), its
-    batches fed through an AsyncInferQueue: several batches in flight at once, which no synchronous
-    call can do. Timed pass by pass in turns (a pass: all `texts` in batches of 16), both orders;
-    packing a batch counts in its pass, as in the synchronous turns."""
+    batches fed through an AsyncInferQueue, several batches in flight at once; and the folder's own
+    classifier (llm_lightning.runtimes.openvino.load: each batch's rows cut over those streams, one
+    batch at a time, as `predict` runs it). Packing a batch counts in its pass."""
     import openvino as ov
 
     runtimes = {n: m for n, (m, *_) in models.items() if getattr(m, "meta", {}).get("runtime") == "openvino"}
@@ -125,28 +126,41 @@ def throughput_hint(models: dict, texts: list[str], rounds: int, max_length: int
         compiled = ov.Core().compile_model(str(model.path / model.meta["model"]), "CPU", config)
         queues[name] = (model, ov.AsyncInferQueue(compiled), compiled.get_property("NUM_STREAMS"))
     print(
-        f"\nOpenVINO's throughput hint (PERFORMANCE_HINT=THROUGHPUT, AsyncInferQueue), {rounds} rounds in "
-        f"turns pass by pass, batch 16, {len(texts)} test texts; tok/s median (slowest-fastest round):"
+        f"\nOpenVINO's throughput hint (PERFORMANCE_HINT=THROUGHPUT): its AsyncInferQueue against the "
+        f"folder's own classifier, {rounds} rounds in turns pass by pass, batch 16, {len(texts)} test "
+        "texts; tok/s median (slowest-fastest round):"
     )
-    print("| model | streams | in flight | split order | sorted by length |\n|---|---|---|---|---|")
-    rates = {name: {} for name in queues}
+    print(
+        "| model | run by | streams | in flight | split order | sorted by length |\n|---|---|---|---|---|---|"
+    )
+    rates = {(name, way): {} for name in queues for way in ("queue", "own")}
     for order in ORDERS:
         batches = turn_batches(tokenizer, texts, 16, max_length, by_length=order == ORDERS[1])
         tokens = sum(int(mask.sum()) for _, mask in batches)
         for round_ in range(rounds + 1):  # round 0 warms every shape up
             for name, (model, queue, _) in queues.items():
-                started = time.perf_counter()
-                for ids, mask in batches:
-                    queue.start_async(model.feed(ids, mask))
-                queue.wait_all()
-                if round_:
-                    rates[name].setdefault(order, []).append(tokens / (time.perf_counter() - started))
+                for way in ("queue", "own"):
+                    started = time.perf_counter()
+                    for ids, mask in batches:
+                        if way == "queue":
+                            queue.start_async(model.feed(ids, mask))
+                        else:
+                            model(ids, mask)
+                    queue.wait_all()
+                    if round_:
+                        rates[name, way].setdefault(order, []).append(
+                            tokens / (time.perf_counter() - started)
+                        )
     for name, (_, queue, streams) in queues.items():
-        cells = [
-            f"{statistics.median(r):,.0f} ({min(r):,.0f}-{max(r):,.0f})"
-            for r in (rates[name][o] for o in ORDERS)
-        ]
-        print(f"| {name} | {streams} | {len(queue)} | " + " | ".join(cells) + " |", flush=True)
+        for way, label, flight in (
+            ("queue", "AsyncInferQueue", len(queue)),
+            ("own", "the folder's classifier", 1),
+        ):
+            cells = [
+                f"{statistics.median(r):,.0f} ({min(r):,.0f}-{max(r):,.0f})"
+                for r in (rates[name, way][o] for o in ORDERS)
+            ]
+            print(f"| {name} | {label} | {streams} | {flight} | " + " | ".join(cells) + " |", flush=True)
 
 
 def latencies(models: dict, test, count: int, max_length: int) -> None:

@@ -222,3 +222,38 @@ def test_a_packed_graph_computes_fewer_rows_and_the_padded_logits(folders, tiny)
     wide = feed(enc["input_ids"], enc["attention_mask"], "packed", tokenizer.pad_token_id, pair_cost=1e-4)
     assert wide["input_ids"].shape[1] > width and wide["input_ids"].size < fed["input_ids"].size
     assert np.abs(packed_model.run(wide) - reference).max() <= 1e-5
+
+
+def test_a_batch_cut_over_streams_gives_the_logits_of_one_request(folders, tiny, monkeypatch):
+    """An OpenVINO folder's classifier cuts a batch into whole rows, one piece per THROUGHPUT
+    stream, and puts each text's logits back in place: the same as the batch in one request, for
+    the packed and the padded graph; one text is one request."""
+    import openvino as ov
+
+    from llm_lightning.runtimes import inputs, openvino
+
+    model, tokenizer = tiny
+    enc = tokenizer(TEXTS[:16], padding=True, truncation=True, max_length=64, return_tensors="np")
+    cuts = []
+    monkeypatch.setattr(openvino, "split_rows", lambda *a: cuts.append(inputs.split_rows(*a)) or cuts[-1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two streams of one thread each
+    try:
+        for name in ("openvino", "openvino_int8+padded"):
+            meta = json.loads((folders[name] / "runtime.json").read_text())
+            runtime_model, _ = openvino.load(folders[name], meta)
+            fed = runtime_model.feed(
+                torch.from_numpy(enc["input_ids"]), torch.from_numpy(enc["attention_mask"])
+            )
+            whole = ov.Core().compile_model(str(folders[name] / meta["model"]), "CPU")(fed)[0]
+            got = runtime_model.run(fed)
+            pieces = cuts.pop()
+            assert len(pieces) == 2 and all(len(rows) for _, rows in pieces)
+            assert sorted(np.concatenate([rows for _, rows in pieces]).tolist()) == list(range(16))
+            assert np.abs(got - whole).max() <= 1e-6
+            one = runtime_model.feed(
+                torch.from_numpy(enc["input_ids"][:1]), torch.from_numpy(enc["attention_mask"][:1])
+            )
+            assert np.abs(runtime_model.run(one) - whole[:1]).max() <= 1e-6 and not cuts
+    finally:
+        torch.set_num_threads(threads)

@@ -123,6 +123,31 @@ def feed(
     }
 
 
+def split_rows(
+    fed: dict[str, np.ndarray], inputs: str, parts: int
+) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """The graph's inputs cut by rows into at most `parts` pieces of whole rows, each with the
+    indices of its texts in `fed`'s order: row i of a piece's logits is text `indices[i]`'s. A packed
+    row's texts stay together, and `last` is counted from the piece's first row."""
+    rows = fed["input_ids"].shape[0]
+    cuts = [c for c in np.array_split(np.arange(rows), min(parts, rows)) if len(c)]
+    if inputs == "padded":
+        return [({name: value[c[0] : c[-1] + 1] for name, value in fed.items()}, c) for c in cuts]
+    width = fed["input_ids"].shape[1]
+    row_of = fed["last"] // width
+    pieces = []
+    for c in cuts:
+        start, stop = int(c[0]), int(c[-1]) + 1
+        texts = np.flatnonzero((row_of >= start) & (row_of < stop))
+        piece = {
+            "input_ids": fed["input_ids"][start:stop],
+            "position_ids": fed["position_ids"][start:stop],
+            "last": fed["last"][texts] - start * width,
+        }
+        pieces.append((piece, texts))
+    return pieces
+
+
 def one_text(row: list[int], inputs: str, pad_id: int) -> dict[str, np.ndarray]:
     """One tokenized text as the graph's inputs: what calibration runs."""
     ids = np.array([row], dtype=np.int64)
