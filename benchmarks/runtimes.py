@@ -105,13 +105,21 @@ def matmul_share(models: dict, turns: dict, rates: list[float], n_linear: int) -
             print(f"| {name} | " + " | ".join(f"{g:,.0f} | {g / ceiling:.0%}" for g in got) + " |")
 
 
+WAYS = {  # how an OpenVINO folder's batches are run in throughput_hint
+    "latency": "OpenVINO's default (LATENCY), one request a batch",
+    "queue": "THROUGHPUT, AsyncInferQueue",
+    "own": "the folder's classifier: rows cut over THROUGHPUT streams",
+}
+
+
 def throughput_hint(models: dict, texts: list[str], rounds: int, max_length: int) -> None:
-    """Each OpenVINO folder two ways, timed pass by pass in turns (a pass: all `texts` in batches
-    of 16), both orders: compiled again with OpenVINO's documented setting for throughput,
-    PERFORMANCE_HINT=THROUGHPUT (as many streams as it picks, each on its share of the cores), its
-    batches fed through an AsyncInferQueue, several batches in flight at once; and the folder's own
-    classifier (llm_lightning.runtimes.openvino.load: each batch's rows cut over those streams, one
-    batch at a time, as `predict` runs it). Packing a batch counts in its pass."""
+    """Each OpenVINO folder three ways, timed pass by pass in turns (a pass: all `texts` in
+    batches of 16), both orders: compiled as OpenVINO compiles by default (the LATENCY hint: one
+    stream on all threads), one request a batch; compiled with OpenVINO's documented setting for
+    throughput, PERFORMANCE_HINT=THROUGHPUT (as many streams as it picks, each on its share of the
+    cores), its batches fed through an AsyncInferQueue, several batches in flight at once; and the
+    folder's own classifier (llm_lightning.runtimes.openvino.load: each batch's rows cut over those
+    streams, one batch at a time, as `predict` runs it). Packing a batch counts in its pass."""
     import openvino as ov
 
     runtimes = {n: m for n, (m, *_) in models.items() if getattr(m, "meta", {}).get("runtime") == "openvino"}
@@ -120,29 +128,32 @@ def throughput_hint(models: dict, texts: list[str], rounds: int, max_length: int
     tokenizer = next(iter(models.values()))[1]
     queues = {}
     for name, model in runtimes.items():
-        config = {"PERFORMANCE_HINT": "THROUGHPUT"}
+        config = {"INFERENCE_NUM_THREADS": torch.get_num_threads()}
         if model.meta.get("inference_precision_hint"):
             config["INFERENCE_PRECISION_HINT"] = model.meta["inference_precision_hint"]
-        compiled = ov.Core().compile_model(str(model.path / model.meta["model"]), "CPU", config)
-        queues[name] = (model, ov.AsyncInferQueue(compiled), compiled.get_property("NUM_STREAMS"))
+        file = str(model.path / model.meta["model"])
+        compiled = ov.Core().compile_model(file, "CPU", {**config, "PERFORMANCE_HINT": "THROUGHPUT"})
+        latency = ov.Core().compile_model(file, "CPU", {**config, "PERFORMANCE_HINT": "LATENCY"})
+        queues[name] = (model, ov.AsyncInferQueue(compiled), compiled.get_property("NUM_STREAMS"), latency)
     print(
-        f"\nOpenVINO's throughput hint (PERFORMANCE_HINT=THROUGHPUT): its AsyncInferQueue against the "
-        f"folder's own classifier, {rounds} rounds in turns pass by pass, batch 16, {len(texts)} test "
-        "texts; tok/s median (slowest-fastest round):"
+        f"\nOpenVINO folders run three ways, {rounds} rounds in turns pass by pass, batch 16, "
+        f"{len(texts)} test texts; tok/s median (slowest-fastest round):"
     )
     print(
         "| model | run by | streams | in flight | split order | sorted by length |\n|---|---|---|---|---|---|"
     )
-    rates = {(name, way): {} for name in queues for way in ("queue", "own")}
+    rates = {(name, way): {} for name in queues for way in WAYS}
     for order in ORDERS:
         batches = turn_batches(tokenizer, texts, 16, max_length, by_length=order == ORDERS[1])
         tokens = sum(int(mask.sum()) for _, mask in batches)
         for round_ in range(rounds + 1):  # round 0 warms every shape up
-            for name, (model, queue, _) in queues.items():
-                for way in ("queue", "own"):
+            for name, (model, queue, _, latency) in queues.items():
+                for way in WAYS:
                     started = time.perf_counter()
                     for ids, mask in batches:
-                        if way == "queue":
+                        if way == "latency":
+                            latency(model.feed(ids, mask))
+                        elif way == "queue":
                             queue.start_async(model.feed(ids, mask))
                         else:
                             model(ids, mask)
@@ -151,16 +162,15 @@ def throughput_hint(models: dict, texts: list[str], rounds: int, max_length: int
                         rates[name, way].setdefault(order, []).append(
                             tokens / (time.perf_counter() - started)
                         )
-    for name, (_, queue, streams) in queues.items():
-        for way, label, flight in (
-            ("queue", "AsyncInferQueue", len(queue)),
-            ("own", "the folder's classifier", 1),
-        ):
+    for name, (_, queue, streams, _) in queues.items():
+        for way, label in WAYS.items():
             cells = [
                 f"{statistics.median(r):,.0f} ({min(r):,.0f}-{max(r):,.0f})"
                 for r in (rates[name, way][o] for o in ORDERS)
             ]
-            print(f"| {name} | {label} | {streams} | {flight} | " + " | ".join(cells) + " |", flush=True)
+            flight = len(queue) if way == "queue" else 1
+            used = 1 if way == "latency" else streams
+            print(f"| {name} | {label} | {used} | {flight} | " + " | ".join(cells) + " |", flush=True)
 
 
 def latencies(models: dict, test, count: int, max_length: int) -> None:
