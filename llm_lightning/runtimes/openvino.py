@@ -90,8 +90,9 @@ def load(path: Path, meta: dict):
     """(classifier, tokenizer) of an OpenVINO folder, on torch's thread count (like for like).
 
     A batch of several rows is cut into whole rows, one piece per stream of OpenVINO's THROUGHPUT
-    hint (2 streams of one thread each on 2 cores), and the pieces run at once: faster than one
-    request on all threads (1.08-1.14x for the teacher's int8 export, docs/BENCHMARKS.md "Runtimes").
+    hint (2 streams of one thread each on 2 cores), and the pieces run at once: 1.08-1.26x one
+    request on all threads for the teacher's int8 exports (docs/BENCHMARKS.md "Runtimes"), level
+    with OpenVINO's AsyncInferQueue, which needs several batches in flight.
     A one-row batch (one text) is one request on all threads (the LATENCY hint). Each is compiled
     when first needed, so a folder used one way holds one compiled model."""
     import openvino as ov
