@@ -56,8 +56,10 @@ def test_the_decoder_compiles_as_one_graph_and_still_packs(tiny):
     assert decoder._compiled_call_impl is not None and decoder.layers[0]._compiled_call_impl is None
     fast = padding_free(compiled, tokenizer.pad_token_id)
     assert isinstance(fast, PaddingFree)
-    # compiled kernels round differently, and packed rows meet other attention kernels
-    assert (logits(fast, tokenizer) - reference).abs().max() <= 1.5 * error + 1e-4
+    # compiled kernels round differently, and packed rows meet other attention kernels: on an
+    # Ice Lake Xeon (VNNI) 0.0036 against eager int8's 0.0019. 3x leaves room for another int8
+    # kernel's rounding and stays far under the logits themselves (~0.1)
+    assert (logits(fast, tokenizer) - reference).abs().max() <= 3 * error + 1e-4
 
 
 def test_not_compiling_leaves_the_model_alone(tiny):

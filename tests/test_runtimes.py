@@ -257,5 +257,6 @@ def test_a_batch_cut_over_streams_gives_the_logits_of_one_request(folders, tiny,
                 torch.from_numpy(enc["input_ids"][:1]), torch.from_numpy(enc["attention_mask"][:1])
             )
             assert np.abs(runtime_model.run(one) - whole[:1]).max() <= 1e-6 and not cuts
+            assert "PERFORMANCE_HINT" in (folders[name] / "README.md").read_text()  # the README says how
     finally:
         torch.set_num_threads(threads)

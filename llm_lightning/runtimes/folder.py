@@ -93,7 +93,7 @@ def write_folder(
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     meta = {**meta, "labels": labels, "pad_token_id": int(tokenizer.pad_token_id)}
     inputs = meta["inputs"]
-    readme = {**readme, "batch": BATCH[inputs], "notes": NOTES[inputs]}
+    readme = {**readme, "batch": BATCH[inputs], "notes": NOTES[inputs] + readme.get("tip", "")}
 
     def write(tmp: Path) -> None:
         write_model(tmp)
