@@ -22,7 +22,7 @@ TIP = """
 For many texts, OpenVINO's throughput setting is faster: compile with
 `{"PERFORMANCE_HINT": "THROUGHPUT"}` and keep one request per stream busy (`ov.AsyncInferQueue`),
 or cut each batch's rows into one piece per stream and run the pieces at once, as llm_lightning
-does (1.08-1.26x one request a batch on 2 cores, in llm_lightning's benchmarks/runtimes.py).
+does (for its int8 exports on 2 cores, 1.08-1.26x one request a batch in its benchmarks/runtimes.py).
 """
 
 
@@ -134,7 +134,7 @@ def load(path: Path, meta: dict):
         pieces = split_rows(fed, inputs, len(requests))
         for request, (piece, _) in zip(requests, pieces, strict=False):
             request.start_async(piece)
-        texts = len(fed["last"]) if inputs == "packed" else fed["input_ids"].shape[0]
+        texts = sum(len(rows) for _, rows in pieces)
         logits = None
         for request, (_, rows) in zip(requests, pieces, strict=False):
             request.wait()
