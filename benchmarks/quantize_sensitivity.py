@@ -30,11 +30,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from llm_lightning.data import load_task
+from llm_lightning.data.agreement import agreement, logits
 from llm_lightning.data.batching import length_batches, pad
 from llm_lightning.models.saved import load_saved
 from llm_lightning.quantization.fused_projections import fuse_projections
 from llm_lightning.quantization.settings import torchao_config
-from llm_lightning.quantization.smoothquant import agreement, logits
 from llm_lightning.quantization.torchao_path import (
     linear_names,
     quantize_linears,

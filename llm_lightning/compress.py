@@ -234,6 +234,8 @@ def build(
     `fingerprint`. Returns the settings as used (`auto`'s alpha as its folder records it)."""
     from llm_lightning.quantization.saved import is_quantized_dir, used_settings
     from llm_lightning.quantize import quantize_folder
+    from llm_lightning.runtimes import is_runtime_dir
+    from llm_lightning.runtimes import used_settings as runtime_settings
 
     folder = out / name
     decision = decide(folder, fingerprint, made_file(folder, qcfg.method))
@@ -241,6 +243,8 @@ def build(
     if decision.action == REUSE:
         if is_quantized_dir(folder):
             return used_settings(qcfg, folder)
+        if is_runtime_dir(folder):
+            return runtime_settings(qcfg, folder)
         return OmegaConf.to_container(qcfg, resolve=True)
     used = quantize_folder(model_dir, folder, qcfg, data, max_length)
     write_record(folder, DONE, fingerprint)  # after the atomic save: it replaces the folder

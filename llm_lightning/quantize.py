@@ -16,13 +16,14 @@ import logging
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from llm_lightning.errors import MissingFileError
 from llm_lightning.quantization.saved import save_quantized
 from llm_lightning.quantization.settings import RUNTIME_EXPORTS, check_settings, compiles, saved_settings
 from llm_lightning.quantization.torchao_path import quantize_with_config
 from llm_lightning.runtime import apply_runtime, run_entry, user_errors
+from llm_lightning.runtimes import used_settings as runtime_settings
 from llm_lightning.runtimes.build import export_runtime
 
 log = logging.getLogger(__name__)
@@ -59,15 +60,26 @@ def quantize_run(cfg: DictConfig, out: Path, model_dir: Path | None = None) -> d
 def quantize_folder(model_dir: Path, target: Path, qcfg: DictConfig, data, max_length: int) -> dict:
     """Load the exported model in `model_dir`, quantize it with a checked `quantize=` config and
     save it to `target` with the input's training record. Returns the settings it was made with
-    (`smoothquant_alpha: auto` replaced by the alpha chosen), for the report."""
+    (`smoothquant_alpha: auto`, or a runtime export's `smooth_quant_alpha: auto`, replaced by the
+    alpha chosen on the validation split), for the report."""
     from llm_lightning.data.provenance import read_provenance
     from llm_lightning.models.saved import load_saved
 
     model, tokenizer, _ = load_saved(model_dir)
     training = read_provenance(model_dir)[0]
     if qcfg.method in RUNTIME_EXPORTS:  # a folder for ONNX Runtime or OpenVINO (llm_lightning/runtimes/)
-        export_runtime(model, tokenizer, qcfg.method, target, data.train.texts, max_length, qcfg, training)
-        return OmegaConf.to_container(qcfg, resolve=True)
+        export_runtime(
+            model,
+            tokenizer,
+            qcfg.method,
+            target,
+            data.train.texts,
+            max_length,
+            qcfg,
+            training,
+            data.val.texts,
+        )
+        return runtime_settings(qcfg, target)
     quantized, used = quantize_with_config(model, tokenizer, qcfg, data, max_length)
     save_quantized(
         quantized, tokenizer, target, qcfg.method, qcfg.compile, **saved_settings(used), training=training

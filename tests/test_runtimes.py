@@ -156,6 +156,32 @@ def test_quantize_writes_a_runtime_folder_and_reports_it(tmp_path):
     assert [(s["stage"], s["input"]) for s in again["stages"]] == [("fp32", None), ("onnx_int8", "fp32")]
 
 
+def test_quantize_openvino_int8_chooses_its_alpha_on_validation_and_reports_it(tmp_path):
+    """`quantize=openvino_int8 quantize.smooth_quant_alpha=auto` through the command line: the folder
+    records every candidate's count on the run's validation split, and the report gives the alpha
+    chosen, not `auto`."""
+    from conftest import run_module
+
+    done = run_module(
+        "llm_lightning.train",
+        "model=tiny",
+        "debug=smoke",
+        "quantize=openvino_int8",
+        "quantize.smooth_quant_alpha=auto",
+        "+quantize.smooth_quant_candidates=[0.5,0.95]",
+        "quantize.calibration_texts=16",
+        "bench=quick",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    meta = json.loads((tmp_path / "quantized" / "runtime.json").read_text())
+    assert [r["alpha"] for r in meta["smooth_quant_choice"]["candidates"]] == [0.5, 0.95]
+    split = json.loads((tmp_path / "model" / "training.json").read_text())
+    assert meta["smooth_quant_choice"]["validation_texts"] == split["sizes"]["val"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["quantize"]["smooth_quant_alpha"] == meta["smooth_quant_alpha"] in (0.5, 0.95)
+
+
 def test_runtime_settings_are_checked_with_the_others():
     from omegaconf import OmegaConf
 
@@ -171,6 +197,16 @@ def test_runtime_settings_are_checked_with_the_others():
     assert "quantize.inputs='ragged' is not one of ('packed', 'padded')" in str(err.value)
     assert "quantize.calibration_texts=0 must be >= 1" in str(err.value)
     check_settings(OmegaConf.create({"method": "openvino_bf16"}))  # no calibration: nothing to check
+    alphas = {"method": "openvino_int8", "smooth_quant_alpha": 1.5}
+    with pytest.raises(UserError, match=r"quantize.smooth_quant_alpha=1.5 must be in \[0, 1\]"):
+        check_settings(OmegaConf.create(alphas))
+    alphas = {"method": "openvino_int8", "smooth_quant_alpha": "auto", "smooth_quant_candidates": [0.5, 2]}
+    with pytest.raises(UserError, match=r"quantize.smooth_quant_candidates=\[0.5, 2\]: give one or more"):
+        check_settings(OmegaConf.create(alphas))
+    with pytest.raises(
+        UserError, match="smooth_quant_alpha=0.5 is NNCF's SmoothQuant, for quantize=openvino_int8"
+    ):
+        check_settings(OmegaConf.create({"method": "onnx_int8", "smooth_quant_alpha": 0.5}))
 
 
 def test_a_runtime_folder_with_an_unknown_precision_is_refused(folders, tmp_path):
@@ -260,3 +296,57 @@ def test_a_batch_cut_over_streams_gives_the_logits_of_one_request(folders, tiny,
             assert "PERFORMANCE_HINT" in (folders[name] / "README.md").read_text()  # the README says how
     finally:
         torch.set_num_threads(threads)
+
+
+VAL_TEXTS = [f"critic {i}: " + "fine acting " * (i % 4) + "boring " * (i % 2) for i in range(24)]
+
+
+def test_nncf_alpha_auto_keeps_the_candidate_that_agrees_best_on_validation(tiny, tmp_path):
+    """`smooth_quant_alpha: auto` quantizes with each candidate, judges each on the validation texts
+    against fp32 torch, and saves the graph it judged best: the folder's own validation logits give
+    back the recorded agreement of the alpha it names, not another candidate's."""
+    from omegaconf import OmegaConf
+
+    from llm_lightning.data.agreement import agreement, logits
+    from llm_lightning.runtimes import used_settings
+
+    model, tokenizer = tiny
+    settings = OmegaConf.create(
+        {"smooth_quant_alpha": "auto", "smooth_quant_candidates": [0.3, 0.95], "calibration_texts": 16}
+    )
+    folder = export_runtime(
+        model, tokenizer, "openvino_int8", tmp_path / "auto", TEXTS, 64, settings, val_texts=VAL_TEXTS
+    )
+    meta = json.loads((folder / "runtime.json").read_text())
+    choice = meta["smooth_quant_choice"]
+    assert choice["validation_texts"] == len(VAL_TEXTS)
+    assert [r["alpha"] for r in choice["candidates"]] == [0.3, 0.95]
+    best = min(choice["candidates"], key=lambda r: (r["flips"], r["margin_mae"]))
+    assert meta["smooth_quant_alpha"] == best["alpha"]
+    other = next(r for r in choice["candidates"] if r is not best)
+    assert other["margin_mae"] != best["margin_mae"]  # the two graphs differ, so the check below can tell
+
+    rows = tokenizer(VAL_TEXTS, truncation=True, max_length=64)["input_ids"]
+    saved, *_ = load_saved(folder)
+    got = agreement(logits(saved, rows, tokenizer.pad_token_id), logits(model, rows, tokenizer.pad_token_id))
+    assert got["flips"] == best["flips"]
+    assert got["margin_mae"] == pytest.approx(best["margin_mae"], rel=1e-4, abs=1e-7)
+    assert used_settings(settings, folder)["smooth_quant_alpha"] == best["alpha"]  # what the report records
+
+
+def test_a_fixed_nncf_alpha_is_recorded_and_auto_needs_validation_texts(tiny, tmp_path):
+    from omegaconf import OmegaConf
+
+    from llm_lightning.errors import UserError
+
+    model, tokenizer = tiny
+    fixed = OmegaConf.create({"smooth_quant_alpha": 0.5, "calibration_texts": 8})
+    folder = export_runtime(model, tokenizer, "openvino_int8", tmp_path / "fixed", TEXTS, 64, fixed)
+    meta = json.loads((folder / "runtime.json").read_text())
+    assert meta["smooth_quant_alpha"] == 0.5 and "smooth_quant_choice" not in meta
+    auto = OmegaConf.create({"smooth_quant_alpha": "auto", "calibration_texts": 8})
+    with pytest.raises(
+        UserError, match="smooth_quant_alpha=auto picks NNCF's SmoothQuant alpha on the validation"
+    ):
+        export_runtime(model, tokenizer, "openvino_int8", tmp_path / "none", TEXTS, 64, auto, val_texts=[])
+    assert not (tmp_path / "none").exists()  # refused before anything was written

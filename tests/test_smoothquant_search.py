@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 
+from llm_lightning.data.agreement import agreement, logits
 from llm_lightning.measure.stage_report import report_for_run
 from llm_lightning.models.export import export_model
 from llm_lightning.quantization.saved import META_FILE
-from llm_lightning.quantization.smoothquant import agreement, choose_alpha, logits
+from llm_lightning.quantization.smoothquant import choose_alpha
 from llm_lightning.quantization.torchao_path import quantize_model
 from llm_lightning.quantize import quantize_run
 from tests.conftest import make_cfg

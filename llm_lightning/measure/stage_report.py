@@ -296,12 +296,16 @@ def run_quantize_settings(cfg: DictConfig, run_dir: Path) -> dict | None:
     (the run's config may say `smoothquant_alpha: auto`)."""
     from llm_lightning.quantization.saved import is_quantized_dir, used_settings
     from llm_lightning.quantization.settings import settings_as_used
+    from llm_lightning.runtimes import is_runtime_dir
+    from llm_lightning.runtimes import used_settings as runtime_settings
 
     qcfg = cfg.get("quantize")
     if qcfg is None:
         return None
     if is_quantized_dir(run_dir / "quantized"):
         return used_settings(qcfg, run_dir / "quantized")
+    if is_runtime_dir(run_dir / "quantized"):
+        return runtime_settings(qcfg, run_dir / "quantized")
     return settings_as_used(qcfg, qcfg.get("smoothquant_alpha"))
 
 

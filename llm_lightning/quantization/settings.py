@@ -241,7 +241,38 @@ def runtime_problems(qcfg: Mapping, data=None) -> list[str]:
         problems.append(
             "quantize: int8 calibrates on training texts, and the task's training split is empty."
         )
-    return problems
+    return problems + nncf_alpha_problems(qcfg, data)
+
+
+def nncf_alpha_problems(qcfg: Mapping, data=None) -> list[str]:
+    """openvino_int8's `smooth_quant_alpha` (a number in [0, 1] or `auto`) and `auto`'s candidates."""
+    from llm_lightning.runtimes.build import DEFAULT_ALPHA_CANDIDATES, validation_problem
+
+    method, alpha = qcfg.get("method"), qcfg.get("smooth_quant_alpha")
+    if alpha is None:
+        return []
+    if method != "openvino_int8":
+        return [
+            f"quantize.smooth_quant_alpha={alpha} is NNCF's SmoothQuant, for quantize=openvino_int8; "
+            f"quantize.method is {method!r}: leave it out."
+        ]
+    if alpha != AUTO:
+        number = isinstance(alpha, int | float) and not isinstance(alpha, bool)
+        if number and 0.0 <= float(alpha) <= 1.0:
+            return []
+        return [
+            f"quantize.smooth_quant_alpha={alpha!r} must be in [0, 1] (0.95 is NNCF's for transformers) "
+            f"or {AUTO!r} (picked on the validation split)."
+        ]
+    candidates = list(qcfg.get("smooth_quant_candidates") or DEFAULT_ALPHA_CANDIDATES)
+    problems = []
+    if not all(
+        isinstance(a, int | float) and not isinstance(a, bool) and 0.0 <= a <= 1.0 for a in candidates
+    ):
+        problems.append(f"quantize.smooth_quant_candidates={candidates}: give one or more alphas in [0, 1].")
+    if data is not None:
+        problems.append(validation_problem(len(data.val)))
+    return [p for p in problems if p]
 
 
 def _raise(problems: list[str], unsupported: Exception | None = None) -> None:

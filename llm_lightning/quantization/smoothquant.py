@@ -18,44 +18,13 @@ import copy
 import logging
 from collections.abc import Callable, Sequence
 
-import torch
 from torch import nn
 
-from llm_lightning.data.batching import run_by_length
+from llm_lightning.data.agreement import agreement, logits
 from llm_lightning.errors import UserError
 from llm_lightning.quantization.settings import DEFAULT_CANDIDATES, candidates_problem, validation_problem
 
 log = logging.getLogger(__name__)
-
-
-def logits(model: nn.Module, rows: list[list[int]], pad_id: int, batch_size: int = 32) -> torch.Tensor:
-    """(len(rows), num_labels) fp32 logits, in the rows' order (batched by length: little padding)."""
-    with torch.inference_mode():
-        return run_by_length(
-            rows,
-            batch_size,
-            pad_id,
-            lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits.float(),
-        )
-
-
-def agreement(got: torch.Tensor, reference: torch.Tensor) -> dict:
-    """How far quantized logits are from the fp32 ones: predictions changed, margin error (2 classes:
-    logit[1] - logit[0]; more: the predicted class's logit minus the runner-up's)."""
-    if reference.shape[-1] == 2:
-        top = torch.tensor([[1, 0]]).expand(len(reference), 2)
-    else:
-        top = reference.topk(2, dim=-1).indices
-
-    def margin(x: torch.Tensor) -> torch.Tensor:
-        return (x.gather(1, top[:, :1]) - x.gather(1, top[:, 1:])).squeeze(1)
-
-    error = (margin(got) - margin(reference)).abs()
-    return {
-        "flips": int((got.argmax(-1) != reference.argmax(-1)).sum()),
-        "margin_mae": float(error.mean()),
-        "margin_max": float(error.max()),
-    }
 
 
 def choose_alpha(

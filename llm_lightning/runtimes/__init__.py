@@ -54,6 +54,18 @@ def choice_of(path: Path) -> str:
     return _read(Path(path))[1]
 
 
+def used_settings(qcfg, path: Path) -> dict:
+    """A runtime export's `quantize=` config as a plain dict, with the SmoothQuant alpha its folder
+    was made with (`auto` replaced by the number chosen): what the report records."""
+    from omegaconf import DictConfig, OmegaConf
+
+    used = OmegaConf.to_container(qcfg, resolve=True) if isinstance(qcfg, DictConfig) else dict(qcfg)
+    meta = _read(Path(path))[0]
+    if meta.get("smooth_quant_alpha") is not None:
+        used["smooth_quant_alpha"] = meta["smooth_quant_alpha"]
+    return used
+
+
 def _read(path: Path) -> tuple[dict, str]:
     meta = json.loads((path / RUNTIME_FILE).read_text())
     runtime = meta.get("runtime")

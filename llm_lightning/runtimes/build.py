@@ -7,10 +7,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from llm_lightning.errors import UserError
 from llm_lightning.runtimes import CHOICES, require
 from llm_lightning.runtimes.inputs import ExportInputs, example_inputs
 
+# what a config that leaves a key out gets (conf/quantize/*.yaml spell each one out): 0.95 is NNCF's
+# own alpha for a transformer's MatMuls; the shipped openvino_int8 config says `auto`
 DEFAULTS = {"calibration_texts": 300, "onnx_mode": "dynamic", "smooth_quant_alpha": 0.95, "inputs": "packed"}
+DEFAULT_ALPHA_CANDIDATES = (0.5, 0.65, 0.8, 0.95)
 
 
 def export_runtime(
@@ -22,9 +26,10 @@ def export_runtime(
     max_length: int,
     qcfg: DictConfig | None = None,
     training: dict | None = None,
+    val_texts=(),
 ) -> Path:
     """Export `model` for the runtime `choice` names into `target`, calibrating int8 on the first
-    `calibration_texts` training texts."""
+    `calibration_texts` training texts; `smooth_quant_alpha: auto` chooses on `val_texts`."""
     runtime = require(choice)
     precision = CHOICES[choice][1]
     qcfg = qcfg if qcfg is not None else OmegaConf.create({})
@@ -47,5 +52,22 @@ def export_runtime(
         return onnx.save(model, tokenizer, target, precision, given, max_length, mode, training)
     from llm_lightning.runtimes import openvino
 
-    alpha = float(qcfg.get("smooth_quant_alpha") or DEFAULTS["smooth_quant_alpha"])
-    return openvino.save(model, tokenizer, target, precision, given, max_length, alpha, training)
+    alpha = qcfg.get("smooth_quant_alpha")
+    alpha = DEFAULTS["smooth_quant_alpha"] if alpha is None else alpha
+    alphas = openvino.AlphaChoice(alpha)
+    if precision == "int8" and alpha == openvino.AUTO:
+        if problem := validation_problem(len(val_texts)):
+            raise UserError(problem)
+        rows = tokenizer(list(val_texts), truncation=True, max_length=max_length)["input_ids"]
+        candidates = tuple(qcfg.get("smooth_quant_candidates") or DEFAULT_ALPHA_CANDIDATES)
+        alphas = openvino.AlphaChoice(alpha, candidates, tuple(rows))
+    return openvino.save(model, tokenizer, target, precision, given, max_length, alphas, training)
+
+
+def validation_problem(texts: int) -> str | None:
+    if texts >= 1:
+        return None
+    return (
+        "quantize.smooth_quant_alpha=auto picks NNCF's SmoothQuant alpha on the validation split, and "
+        "there are no validation texts: set quantize.smooth_quant_alpha to a number (0.95 is NNCF's)."
+    )

@@ -85,21 +85,22 @@ def write_folder(
     model: nn.Module,
     tokenizer,
     meta: dict,
-    write_model: Callable[[Path], None],
+    write_model: Callable[[Path], dict | None],
     readme: dict,
     training: dict | None,
 ) -> Path:
-    """Write a runtime folder atomically: `write_model(tmp)` adds the model file(s)."""
+    """Write a runtime folder atomically: `write_model(tmp)` adds the model file(s) and returns what
+    runtime.json should record of how they were made, if anything besides `meta`."""
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     meta = {**meta, "labels": labels, "pad_token_id": int(tokenizer.pad_token_id)}
     inputs = meta["inputs"]
     readme = {**readme, "batch": BATCH[inputs], "notes": NOTES[inputs] + readme.get("tip", "")}
 
     def write(tmp: Path) -> None:
-        write_model(tmp)
+        made = write_model(tmp) or {}
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / RUNTIME_FILE, meta)
+        write_json(tmp / RUNTIME_FILE, {**meta, **made})
         (tmp / "README.md").write_text(SNIPPET.format(**readme))
         if training is not None:
             write_json(tmp / "training.json", training)
@@ -113,19 +114,23 @@ class RuntimeClassifier(nn.Module):
     `run(inputs)` takes the graph's named numpy inputs (llm_lightning.runtimes.inputs) and returns
     its logits; a padded batch is fed as the folder's graph takes it, packed where it is packed.
     `parameter_count` is the exported graph's weight count (the bench's `params`), since the weights
-    are not torch tensors.
+    are not torch tensors. `config`: the model's, for a graph not yet in a folder (`path` None).
     """
 
     def __init__(
         self,
-        path: Path,
+        path: Path | None,
         meta: dict,
         run: Callable[[dict[str, np.ndarray]], np.ndarray],
         parameter_count: int,
+        config=None,
     ):
         super().__init__()
-        self.config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-        self.path, self.meta, self.run, self.parameter_count = Path(path), meta, run, int(parameter_count)
+        self.config = (
+            config if config is not None else AutoConfig.from_pretrained(path, trust_remote_code=False)
+        )
+        self.path = Path(path) if path is not None else None
+        self.meta, self.run, self.parameter_count = meta, run, int(parameter_count)
         self.inputs = meta.get("inputs", "padded")  # folders written before packed graphs are padded
         self.packs_batches = self.inputs == "packed"  # what the bench reports as padding-free
         self.pair_cost = pair_cost(self.config)  # packed rows of the cheapest width

@@ -3,10 +3,16 @@ inference-precision hint (the IR stays fp32; the CPU plugin computes in bf16 whe
 
 `openvino_int8` is `nncf.quantize` with `ModelType.TRANSFORMER` (its transformer preset: SmoothQuant
 on the MatMuls, alpha `smooth_quant_alpha`), calibrated on training texts, never the test split.
+`smooth_quant_alpha: auto` quantizes once per candidate alpha and keeps the graph whose validation
+predictions differ least from the fp32 model's (`choose_alpha`), as `quantize=int8_dynamic` picks
+its own SmoothQuant alpha (llm_lightning.quantization.smoothquant).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +22,10 @@ from torch import nn
 from llm_lightning.runtimes.folder import RuntimeClassifier, tokenizer_of, write_folder
 from llm_lightning.runtimes.inputs import ExportInputs, graph, one_text, split_rows
 
+log = logging.getLogger(__name__)
+
 MODEL_FILE = "model.xml"
+AUTO = "auto"  # quantize.smooth_quant_alpha: the candidate chosen on the validation split
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": None}  # None: OpenVINO's default for the CPU
 TIP = """
 For many texts, OpenVINO's throughput setting is faster: compile with
@@ -24,6 +33,16 @@ For many texts, OpenVINO's throughput setting is faster: compile with
 or cut each batch's rows into one piece per stream and run the pieces at once, as llm_lightning
 does (for its int8 exports on 2 cores, 1.08-1.26x one request a batch in its benchmarks/runtimes.py).
 """
+
+
+@dataclass(frozen=True)
+class AlphaChoice:
+    """SmoothQuant's alpha for NNCF: a number, or `auto` with the candidates and the tokenized
+    validation texts that choose among them."""
+
+    alpha: float | str
+    candidates: tuple[float, ...] = ()
+    rows: tuple[list[int], ...] = ()
 
 
 def convert(model: nn.Module, given: ExportInputs):
@@ -51,6 +70,46 @@ def quantize(ov_model, given: ExportInputs, pad_id: int, smooth_quant_alpha: flo
     )
 
 
+def choose_alpha(model: nn.Module, converted, given: ExportInputs, pad_id: int, alphas: AlphaChoice):
+    """(alpha, NNCF's int8 graph with it, one agreement row per candidate): the candidate whose int8
+    graph changes fewest of the fp32 `model`'s predictions on the validation rows (ties: the
+    smallest mean change of the logit margin), as llm_lightning.quantization.smoothquant judges."""
+    import openvino as ov
+
+    from llm_lightning.data.agreement import agreement, logits
+
+    log.info(
+        "quantize.smooth_quant_alpha=auto: the fp32 model's logits on %d validation texts, then NNCF "
+        "with each of %s",
+        len(alphas.rows),
+        list(alphas.candidates),
+    )
+    reference = logits(model, alphas.rows, pad_id)
+    core, config, best, results = ov.Core(), {"INFERENCE_NUM_THREADS": torch.get_num_threads()}, None, []
+    for i, alpha in enumerate(alphas.candidates, 1):
+        int8 = quantize(converted.clone(), given, pad_id, float(alpha))  # each from the same fp32 graph
+        run = runner(core, int8, config, given.inputs)
+        scored = RuntimeClassifier(
+            None, {"inputs": given.inputs, "pad_token_id": pad_id}, run, 0, model.config
+        )
+        results.append({"alpha": float(alpha), **agreement(logits(scored, alphas.rows, pad_id), reference)})
+        log.info("NNCF SmoothQuant alpha %.2f (%d of %d): %s", alpha, i, len(alphas.candidates), results[-1])
+        if best is None or _key(results[-1]) < _key(best[0]):
+            best = (results[-1], int8)
+    chosen, int8 = best
+    log.info(
+        "quantize.smooth_quant_alpha=auto chose %.2f on %d validation texts (%d predictions changed)",
+        chosen["alpha"],
+        len(alphas.rows),
+        chosen["flips"],
+    )
+    return chosen["alpha"], int8, results
+
+
+def _key(result: dict) -> tuple[int, float]:
+    return result["flips"], result["margin_mae"]
+
+
 def save(
     model,
     tokenizer,
@@ -58,23 +117,31 @@ def save(
     precision: str,
     given: ExportInputs,
     max_length: int,
-    alpha: float,
+    alphas: AlphaChoice,
     training,
 ):
-    """Write an OpenVINO folder (see llm_lightning.runtimes) for `precision` fp32, bf16 or int8."""
+    """Write an OpenVINO folder (see llm_lightning.runtimes) for `precision` fp32, bf16 or int8;
+    int8 with SmoothQuant's `alphas.alpha`, or the candidate chosen on validation for `auto`."""
     import openvino as ov
 
-    def write_model(tmp: Path) -> None:
-        converted = convert(model, given)
-        if precision == "int8":
-            converted = quantize(converted, given, tokenizer.pad_token_id, alpha)
+    def write_model(tmp: Path) -> dict:
+        """Writes the graph; returns what runtime.json records of its SmoothQuant alpha."""
+        converted, record = convert(model, given), {"smooth_quant_alpha": None}
+        if precision == "int8" and alphas.alpha == AUTO:
+            alpha, converted, results = choose_alpha(model, converted, given, tokenizer.pad_token_id, alphas)
+            # how it was chosen, for the report and a reviewer
+            choice = {"validation_texts": len(alphas.rows), "candidates": results}
+            record = {"smooth_quant_alpha": alpha, "smooth_quant_choice": choice}
+        elif precision == "int8":
+            converted = quantize(converted, given, tokenizer.pad_token_id, float(alphas.alpha))
+            record = {"smooth_quant_alpha": float(alphas.alpha)}
         ov.save_model(converted, str(tmp / MODEL_FILE), compress_to_fp16=False)
+        return record
 
     meta = {
         "runtime": "openvino",
         "precision": precision,
         "inference_precision_hint": HINTS[precision],
-        "smooth_quant_alpha": alpha if precision == "int8" else None,
         "inputs": given.inputs,
         "model": MODEL_FILE,
         "max_length": int(max_length),
@@ -109,6 +176,17 @@ def load(path: Path, meta: dict):
     config = {"INFERENCE_NUM_THREADS": torch.get_num_threads()}
     if meta.get("inference_precision_hint"):
         config["INFERENCE_PRECISION_HINT"] = meta["inference_precision_hint"]
+    count = sum(
+        int(np.prod(list(op.get_output_shape(0))))
+        for op in ov_model.get_ops()
+        if op.get_type_name() == "Constant" and len(op.get_output_shape(0)) >= 1
+    )
+    run = runner(core, ov_model, config, meta.get("inputs", "padded"))
+    return RuntimeClassifier(path, meta, run, count), tokenizer_of(path)
+
+
+def runner(core, ov_model, config: dict, inputs: str) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """`run(fed) -> logits` of `ov_model`, batches cut over streams as `load` says."""
     compiled = {}
 
     def compiled_for(hint: str):
@@ -116,12 +194,7 @@ def load(path: Path, meta: dict):
             compiled[hint] = core.compile_model(ov_model, "CPU", {**config, "PERFORMANCE_HINT": hint})
         return compiled[hint]
 
-    count = sum(
-        int(np.prod(list(op.get_output_shape(0))))
-        for op in ov_model.get_ops()
-        if op.get_type_name() == "Constant" and len(op.get_output_shape(0)) >= 1
-    )
-    inputs, requests = meta.get("inputs", "padded"), []
+    requests = []
 
     def run(fed: dict[str, np.ndarray]) -> np.ndarray:
         if fed["input_ids"].shape[0] == 1:
@@ -144,4 +217,4 @@ def load(path: Path, meta: dict):
             logits[rows] = got
         return logits
 
-    return RuntimeClassifier(path, meta, run, count), tokenizer_of(path)
+    return run

@@ -1,0 +1,40 @@
+"""How far a classifier's predictions on some texts are from a reference model's on the same texts:
+what picks a SmoothQuant alpha on the validation split, for torchao (llm_lightning.quantization.smoothquant)
+and for NNCF (llm_lightning.runtimes.openvino) alike."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llm_lightning.data.batching import run_by_length
+
+
+def logits(model: nn.Module, rows: list[list[int]], pad_id: int, batch_size: int = 32) -> torch.Tensor:
+    """(len(rows), num_labels) fp32 logits, in the rows' order (batched by length: little padding)."""
+    with torch.inference_mode():
+        return run_by_length(
+            rows,
+            batch_size,
+            pad_id,
+            lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits.float(),
+        )
+
+
+def agreement(got: torch.Tensor, reference: torch.Tensor) -> dict:
+    """How far quantized logits are from the fp32 ones: predictions changed, margin error (2 classes:
+    logit[1] - logit[0]; more: the predicted class's logit minus the runner-up's)."""
+    if reference.shape[-1] == 2:
+        top = torch.tensor([[1, 0]]).expand(len(reference), 2)
+    else:
+        top = reference.topk(2, dim=-1).indices
+
+    def margin(x: torch.Tensor) -> torch.Tensor:
+        return (x.gather(1, top[:, :1]) - x.gather(1, top[:, 1:])).squeeze(1)
+
+    error = (margin(got) - margin(reference)).abs()
+    return {
+        "flips": int((got.argmax(-1) != reference.argmax(-1)).sum()),
+        "margin_mae": float(error.mean()),
+        "margin_max": float(error.max()),
+    }
