@@ -168,7 +168,7 @@ def test_quantize_openvino_int8_chooses_its_alpha_on_validation_and_reports_it(t
         "debug=smoke",
         "quantize=openvino_int8",
         "quantize.smooth_quant_alpha=auto",
-        "+quantize.smooth_quant_candidates=[0.5,0.95]",
+        "quantize.smooth_quant_candidates=[0.5,0.95]",
         "quantize.calibration_texts=16",
         "bench=quick",
         f"hydra.run.dir={tmp_path}",
