@@ -319,3 +319,30 @@ def test_valid_head_counts_are_exactly_those_transformers_saves_and_loads(tmp_pa
             with pytest.raises(UserError, match=rf"remove_heads={remove} .*would not load"):
                 check_width_args(config, 0.0, remove, heads_mode)
     assert valid == ([0, 16, 24] if heads_mode == "query" else [0, 16, 24, 28])
+
+
+def test_the_packed_openvino_graph_takes_llama3_shapes(full_run, tmp_path):
+    """The exported packed graph on GQA, an explicit head_dim and llama3 rope scaling: fp32 gives
+    torch's logits, and int8 picks its SmoothQuant alpha on validation texts."""
+    from omegaconf import OmegaConf
+
+    from llm_lightning.runtimes.build import export_runtime
+
+    out, _ = full_run
+    model, tokenizer, _ = load_saved(out / "model")
+    texts = [f"{t} number {i}" for i in range(8) for t in TEXTS]
+    fp32 = export_runtime(model, tokenizer, "openvino", tmp_path / "fp32", texts, 64)
+    exported, tokenizer, names = load_saved(fp32)
+    assert names == ["negative", "positive"] and exported.config.head_dim == HEAD_DIM
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**enc).logits, model.eval()(**enc).logits, atol=1e-4, rtol=1e-3)
+    settings = OmegaConf.create(
+        {"smooth_quant_alpha": "auto", "smooth_quant_candidates": [0.5, 0.95], "calibration_texts": 8}
+    )
+    int8 = export_runtime(
+        model, tokenizer, "openvino_int8", tmp_path / "int8", texts, 64, settings, val_texts=texts[8:]
+    )
+    meta = json.loads((int8 / "runtime.json").read_text())
+    assert [r["alpha"] for r in meta["smooth_quant_choice"]["candidates"]] == [0.5, 0.95]
+    assert meta["smooth_quant_alpha"] in (0.5, 0.95) and meta["smooth_quant_choice"]["validation_texts"] == 16
