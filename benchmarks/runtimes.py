@@ -51,8 +51,8 @@ BUILDS = {
     "ort_int8_dynamic_packed": ("onnx_int8", {"inputs": "packed", "onnx_mode": "dynamic"}),
     "ov_bf16_packed": ("openvino_bf16", {"inputs": "packed"}),
     "ov_int8_packed": ("openvino_int8", {"inputs": "packed", "calibration_texts": 300}),
-    # SmoothQuant's alpha chosen on the validation split (conf/quantize/openvino_int8.yaml's default);
-    # the rows above keep NNCF's own 0.95, as its documented call gives it
+    # SmoothQuant's alpha chosen on the validation split (quantize.smooth_quant_alpha=auto); the
+    # other int8 rows keep NNCF's own 0.95, the default of its documented call and of ours
     "ov_int8_packed_auto": (
         "openvino_int8",
         {"inputs": "packed", "calibration_texts": 300, "smooth_quant_alpha": "auto"},

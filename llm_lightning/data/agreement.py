@@ -38,3 +38,13 @@ def agreement(got: torch.Tensor, reference: torch.Tensor) -> dict:
         "margin_mae": float(error.mean()),
         "margin_max": float(error.max()),
     }
+
+
+def validation_problem(texts: int, key: str, what: str, usual: str) -> str | None:
+    """Why `quantize.<key>=auto` cannot choose: no validation texts to judge the agreement on."""
+    if texts >= 1:
+        return None
+    return (
+        f"quantize.{key}=auto picks {what} on the validation split, and this task has no validation "
+        f"texts: set quantize.{key} to a number ({usual})."
+    )

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from llm_lightning.data.agreement import validation_problem as no_validation_texts
 from llm_lightning.errors import UnsupportedError, UserError
 from llm_lightning.runtimes import CHOICES as RUNTIME_EXPORTS
 from llm_lightning.runtimes import require as require_runtime
@@ -74,19 +75,17 @@ def smoothquant_problems(method: str, alpha: object, calibration_texts: int) -> 
     return problems
 
 
-def candidates_problem(candidates: Sequence) -> str | None:
-    if candidates and all(isinstance(a, int | float) and 0.0 <= float(a) <= 1.0 for a in candidates):
+def candidates_problem(candidates: Sequence, key: str = "smoothquant_candidates") -> str | None:
+    """`auto`'s candidate alphas (torchao's `smoothquant_candidates`, NNCF's `smooth_quant_candidates`)."""
+    numbers = all(isinstance(a, int | float) and not isinstance(a, bool) for a in candidates)
+    if candidates and numbers and all(0.0 <= float(a) <= 1.0 for a in candidates):
         return None
-    return f"quantize.smoothquant_candidates={list(candidates)}: give one or more alphas in [0, 1]."
+    return f"quantize.{key}={list(candidates)}: give one or more alphas in [0, 1]."
 
 
 def validation_problem(texts: int) -> str | None:
-    if texts >= 1:
-        return None
-    return (
-        "quantize.smoothquant_alpha=auto picks alpha on the validation split, and this task "
-        "has no validation texts: set quantize.smoothquant_alpha to a number (0.5 is usual)."
-    )
+    """int8_dynamic's `smoothquant_alpha: auto` without validation texts."""
+    return no_validation_texts(texts, "smoothquant_alpha", "alpha", "0.5 is usual")
 
 
 def activations_problem(method: str, activations: object) -> str | None:
@@ -246,7 +245,7 @@ def runtime_problems(qcfg: Mapping, data=None) -> list[str]:
 
 def nncf_alpha_problems(qcfg: Mapping, data=None) -> list[str]:
     """openvino_int8's `smooth_quant_alpha` (a number in [0, 1] or `auto`) and `auto`'s candidates."""
-    from llm_lightning.runtimes.build import DEFAULT_ALPHA_CANDIDATES, validation_problem
+    from llm_lightning.runtimes.build import DEFAULT_ALPHA_CANDIDATES, nncf_validation_problem
 
     method, alpha = qcfg.get("method"), qcfg.get("smooth_quant_alpha")
     if alpha is None:
@@ -265,13 +264,9 @@ def nncf_alpha_problems(qcfg: Mapping, data=None) -> list[str]:
             f"or {AUTO!r} (picked on the validation split)."
         ]
     candidates = list(qcfg.get("smooth_quant_candidates") or DEFAULT_ALPHA_CANDIDATES)
-    problems = []
-    if not all(
-        isinstance(a, int | float) and not isinstance(a, bool) and 0.0 <= a <= 1.0 for a in candidates
-    ):
-        problems.append(f"quantize.smooth_quant_candidates={candidates}: give one or more alphas in [0, 1].")
+    problems = [candidates_problem(candidates, "smooth_quant_candidates")]
     if data is not None:
-        problems.append(validation_problem(len(data.val)))
+        problems.append(nncf_validation_problem(len(data.val)))
     return [p for p in problems if p]
 
 

@@ -7,14 +7,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from llm_lightning.data.agreement import validation_problem
 from llm_lightning.errors import UserError
 from llm_lightning.runtimes import CHOICES, require
 from llm_lightning.runtimes.inputs import ExportInputs, example_inputs
 
 # what a config that leaves a key out gets (conf/quantize/*.yaml spell each one out): 0.95 is NNCF's
-# own alpha for a transformer's MatMuls; the shipped openvino_int8 config says `auto`
+# own alpha for a transformer's MatMuls, the shipped openvino_int8 config's too
 DEFAULTS = {"calibration_texts": 300, "onnx_mode": "dynamic", "smooth_quant_alpha": 0.95, "inputs": "packed"}
-DEFAULT_ALPHA_CANDIDATES = (0.5, 0.65, 0.8, 0.95)
+DEFAULT_ALPHA_CANDIDATES = (0.5, 0.65, 0.8, 0.95)  # what smooth_quant_alpha=auto tries
 
 
 def export_runtime(
@@ -56,7 +57,7 @@ def export_runtime(
     alpha = DEFAULTS["smooth_quant_alpha"] if alpha is None else alpha
     alphas = openvino.AlphaChoice(alpha)
     if precision == "int8" and alpha == openvino.AUTO:
-        if problem := validation_problem(len(val_texts)):
+        if problem := nncf_validation_problem(len(val_texts)):
             raise UserError(problem)
         rows = tokenizer(list(val_texts), truncation=True, max_length=max_length)["input_ids"]
         candidates = tuple(qcfg.get("smooth_quant_candidates") or DEFAULT_ALPHA_CANDIDATES)
@@ -64,10 +65,6 @@ def export_runtime(
     return openvino.save(model, tokenizer, target, precision, given, max_length, alphas, training)
 
 
-def validation_problem(texts: int) -> str | None:
-    if texts >= 1:
-        return None
-    return (
-        "quantize.smooth_quant_alpha=auto picks NNCF's SmoothQuant alpha on the validation split, and "
-        "there are no validation texts: set quantize.smooth_quant_alpha to a number (0.95 is NNCF's)."
-    )
+def nncf_validation_problem(texts: int) -> str | None:
+    """openvino_int8's `smooth_quant_alpha: auto` without validation texts."""
+    return validation_problem(texts, "smooth_quant_alpha", "NNCF's SmoothQuant alpha", "0.95 is NNCF's")
