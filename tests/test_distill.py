@@ -292,6 +292,56 @@ def test_cache_is_reused_and_invalidated_by_a_changed_teacher_or_tokenization(te
     assert cache.load("train", shorter) is None and cache.path("train", shorter) != cache.path("train", ids)
 
 
+class _Killed(Exception):
+    pass
+
+
+def _counting(teacher, die_after: int | None = None) -> list[int]:
+    """Counts the examples `teacher` runs (in the list it returns), and kills the run (an exception)
+    once `die_after` have run."""
+    seen = [0]
+
+    def hook(_module, _args, kwargs):
+        if die_after is not None and seen[0] >= die_after:
+            raise _Killed
+        seen[0] += kwargs["input_ids"].shape[0]
+
+    teacher.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def test_a_killed_fill_resumes_from_its_saved_parts_and_gives_the_same_outputs(teacher_dir, tmp_path):
+    teacher, _ = load_teacher(str(teacher_dir), LABELS)
+    ids = _datamodule(tmp_path).splits["train"].input_ids
+    assert len(ids) > 20
+    sha = weights_sha256(teacher)
+
+    def cache(root: str) -> TeacherCache:
+        return TeacherCache(tmp_path / root, sha, "sentiment", 64, "32-true", with_hidden=True, part_rows=8)
+
+    whole = cache("whole").fill(teacher, "train", ids, 0, batch_size=4, log=lambda _: None)
+
+    dying, _ = load_teacher(str(teacher_dir), LABELS)
+    _counting(dying, die_after=12)  # dies inside the second part of 8
+    with pytest.raises(_Killed):
+        cache("resumed").fill(dying, "train", ids, 0, batch_size=4, log=lambda _: None)
+    resumed = cache("resumed")
+    parts = resumed.path("train", ids).with_name(f".{resumed.path('train', ids).name}.parts")
+    assert [p.name for p in parts.iterdir()] == ["rows-00000000-00000008.pt"]  # no half part, no tmp
+    assert resumed.load("train", ids) is None  # nothing a reader could take as the whole split
+
+    again, _ = load_teacher(str(teacher_dir), LABELS)
+    seen = _counting(again)
+    said: list[str] = []
+    entry = resumed.fill(again, "train", ids, 0, batch_size=4, log=said.append)
+    assert seen[0] == len(ids) - 8  # the saved part is not run again
+    assert any("read from an interrupted fill" in line for line in said)
+    for key in ("logits", "hidden"):
+        torch.testing.assert_close(entry[key], whole[key], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(resumed.load("train", ids)["logits"], whole["logits"], atol=1e-5, rtol=1e-4)
+    assert not parts.exists()  # the parts go once the whole file is written
+
+
 def test_teacher_gets_no_gradient_and_the_projection_trains(teacher_dir, tmp_path):
     """In-process run with the teacher in memory (cache off) and a narrower student, so the
     hidden-state term has a learned projection."""
