@@ -209,6 +209,38 @@ def test_runtime_settings_are_checked_with_the_others():
         check_settings(OmegaConf.create({"method": "onnx_int8", "smooth_quant_alpha": 0.5}))
 
 
+def test_accuracy_control_settings_are_checked_before_any_work():
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from llm_lightning.errors import UserError
+    from llm_lightning.quantization.settings import check_settings
+
+    def problems(data=None, **keys) -> str:
+        with pytest.raises(UserError) as err:
+            check_settings(OmegaConf.create({"method": "openvino_int8", **keys}), data)
+        return str(err.value)
+
+    control = {"max_changed_predictions": 0.01}
+    check_settings(OmegaConf.create({"method": "openvino_int8", "smooth_quant_alpha": -1, **control}))
+    # SmoothQuant on (NNCF's default, a number, auto): NNCF's revert would break the layers it reverts
+    for alpha in (None, 0.95, "auto"):
+        said = problems(smooth_quant_alpha=alpha, **control)
+        assert f"needs quantize.smooth_quant_alpha=-1 (it is {alpha!r})" in said
+    for bound in (0, 1.5, True, "some"):
+        said = problems(smooth_quant_alpha=-1, max_changed_predictions=bound)
+        assert f"quantize.max_changed_predictions={bound!r} must be a share in (0, 1)" in said
+    no_val = SimpleNamespace(train=["a text"], val=[])
+    said = problems(no_val, smooth_quant_alpha=-1, **control)
+    assert "quantize.max_changed_predictions=0.01 bounds the share of validation predictions" in said
+    with pytest.raises(
+        UserError, match="max_changed_predictions=0.01 is NNCF's accuracy control, for quantize"
+    ):
+        check_settings(OmegaConf.create({"method": "onnx_int8", **control}))
+    assert "smooth_quant_alpha=-2 must be in [0, 1]" in problems(smooth_quant_alpha=-2)
+
+
 def test_a_runtime_folder_with_an_unknown_precision_is_refused(folders, tmp_path):
     import shutil
 
@@ -332,6 +364,50 @@ def test_nncf_alpha_auto_keeps_the_candidate_that_agrees_best_on_validation(tiny
     assert got["flips"] == best["flips"]
     assert got["margin_mae"] == pytest.approx(best["margin_mae"], rel=1e-4, abs=1e-7)
     assert used_settings(settings, folder)["smooth_quant_alpha"] == best["alpha"]  # what the report records
+
+
+def test_nncf_accuracy_control_keeps_the_validation_predictions_within_the_bound(tiny, tmp_path):
+    """`max_changed_predictions`: NNCF's accuracy control returns quantizers to float until the int8
+    graph changes at most that share of the fp32 model's validation predictions. The folder's own
+    logits, scored here on the validation texts, meet the bound that plain int8 misses, and fewer
+    quantizers are left than plain int8 has."""
+    from omegaconf import OmegaConf
+
+    from llm_lightning.data.agreement import agreement, logits
+
+    model, tokenizer = tiny
+    # validation texts close to the fp32 model's decision boundary, where int8's error flips some
+    words = "good bad film dull moving funny long acted plot boring fine great awful".split()
+    pool = [
+        " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(2 + i % 9)) + f" {i}" for i in range(600)
+    ]
+    pool_rows = tokenizer(pool, truncation=True, max_length=64)["input_ids"]
+    margin = logits(model, pool_rows, tokenizer.pad_token_id).diff(dim=-1).abs().squeeze(-1)
+    val_texts = [pool[i] for i in margin.argsort()[:40].tolist()]
+    rows = tokenizer(val_texts, truncation=True, max_length=64)["input_ids"]
+    reference = logits(model, rows, tokenizer.pad_token_id)
+
+    def changed(folder) -> int:
+        saved, *_ = load_saved(folder)
+        return agreement(logits(saved, rows, tokenizer.pad_token_id), reference)["flips"]
+
+    plain = OmegaConf.create({"calibration_texts": 16, "smooth_quant_alpha": -1})
+    plain_dir = export_runtime(model, tokenizer, "openvino_int8", tmp_path / "plain", TEXTS, 64, plain)
+    bound = 0.5 / len(val_texts)  # no prediction may change
+    assert changed(plain_dir) > 0  # plain int8 misses it, so the bound has work to do
+    controlled = OmegaConf.create({**plain, "max_changed_predictions": bound})
+    folder = export_runtime(
+        model, tokenizer, "openvino_int8", tmp_path / "ac", TEXTS, 64, controlled, val_texts=val_texts
+    )
+    meta = json.loads((folder / "runtime.json").read_text())
+    control = meta["accuracy_control"]
+    assert meta["max_changed_predictions"] == bound and control["validation_texts"] == len(val_texts)
+    assert control["kept_by_the_fp32_graph"] == 1.0
+    assert changed(folder) == 0 and control["kept"] == 1.0 and control["met"]
+    assert control["kept_before"] == pytest.approx(1 - changed(plain_dir) / len(val_texts))
+    fake_quantize = b"FakeQuantize"
+    left = (folder / "model.xml").read_bytes().count(fake_quantize)
+    assert control["quantizers"] == left < (plain_dir / "model.xml").read_bytes().count(fake_quantize)
 
 
 def test_a_fixed_nncf_alpha_is_recorded_and_auto_needs_validation_texts(tiny, tmp_path):

@@ -30,6 +30,7 @@ METHODS = ("none", *TORCHAO_METHODS, *FLOAT_METHODS, *RUNTIME_EXPORTS)
 ACTIVATIONS = ("symmetric", "asymmetric")  # int8_dynamic's per-token activation scales
 ATTENTIONS = ("eager", "sdpa")  # quantize.attention: transformers' attention kernels on CPU
 AUTO = "auto"  # quantize.smoothquant_alpha: picked on the validation split (quantization.smoothquant)
+SMOOTH_QUANT_OFF = -1  # openvino_int8's smooth_quant_alpha without SmoothQuant (NNCF: a negative alpha)
 DEFAULT_CANDIDATES = (0.3, 0.4, 0.5, 0.6, 0.7)  # the alphas `auto` tries
 # What a config that leaves a key out gets; conf/quantize/*.yaml spell each one out.
 DEFAULT_GROUP_SIZE = 128  # int4: input features that share one weight scale (torchao's default)
@@ -240,34 +241,75 @@ def runtime_problems(qcfg: Mapping, data=None) -> list[str]:
         problems.append(
             "quantize: int8 calibrates on training texts, and the task's training split is empty."
         )
-    return problems + nncf_alpha_problems(qcfg, data)
+    return problems + nncf_alpha_problems(qcfg, data) + nncf_control_problems(qcfg, data)
 
 
 def nncf_alpha_problems(qcfg: Mapping, data=None) -> list[str]:
     """openvino_int8's `smooth_quant_alpha` (a number in [0, 1] or `auto`) and `auto`'s candidates."""
     from llm_lightning.runtimes.build import DEFAULT_ALPHA_CANDIDATES, nncf_validation_problem
 
-    method, alpha = qcfg.get("method"), qcfg.get("smooth_quant_alpha")
+    alpha = qcfg.get("smooth_quant_alpha")
     if alpha is None:
         return []
-    if method != "openvino_int8":
-        return [
-            f"quantize.smooth_quant_alpha={alpha} is NNCF's SmoothQuant, for quantize=openvino_int8; "
-            f"quantize.method is {method!r}: leave it out."
-        ]
+    if wrong := _not_openvino_int8(qcfg, "smooth_quant_alpha", "NNCF's SmoothQuant"):
+        return [wrong]
     if alpha != AUTO:
         number = isinstance(alpha, int | float) and not isinstance(alpha, bool)
-        if number and 0.0 <= float(alpha) <= 1.0:
+        if number and (0.0 <= float(alpha) <= 1.0 or float(alpha) == SMOOTH_QUANT_OFF):
             return []
         return [
-            f"quantize.smooth_quant_alpha={alpha!r} must be in [0, 1] (0.95 is NNCF's for transformers) "
-            f"or {AUTO!r} (picked on the validation split)."
+            f"quantize.smooth_quant_alpha={alpha!r} must be in [0, 1] (0.95 is NNCF's for transformers), "
+            f"{SMOOTH_QUANT_OFF} (no SmoothQuant, NNCF's way to turn it off) or {AUTO!r} (picked on the "
+            "validation split)."
         ]
     candidates = list(qcfg.get("smooth_quant_candidates") or DEFAULT_ALPHA_CANDIDATES)
     problems = [candidates_problem(candidates, "smooth_quant_candidates")]
     if data is not None:
         problems.append(nncf_validation_problem(len(data.val)))
     return [p for p in problems if p]
+
+
+def nncf_control_problems(qcfg: Mapping, data=None) -> list[str]:
+    """openvino_int8's `max_changed_predictions`: null, or a share in (0, 1) of the validation
+    predictions NNCF's accuracy control may change."""
+    from llm_lightning.runtimes.build import nncf_validation_problem
+
+    bound = qcfg.get("max_changed_predictions")
+    if bound is None:
+        return []
+    if wrong := _not_openvino_int8(qcfg, "max_changed_predictions", "NNCF's accuracy control"):
+        return [wrong]
+    number = isinstance(bound, int | float) and not isinstance(bound, bool)
+    if not (number and 0.0 < float(bound) < 1.0):
+        return [
+            f"quantize.max_changed_predictions={bound!r} must be a share in (0, 1) of the validation "
+            "predictions (0.01: at most 1 in 100 changed), or null for no accuracy control."
+        ]
+    problems = []
+    alpha = qcfg.get("smooth_quant_alpha")
+    if not (isinstance(alpha, int | float) and float(alpha) == SMOOTH_QUANT_OFF):
+        # NNCF 3.4 returns a layer to float with its weights from before SmoothQuant but keeps
+        # SmoothQuant's scale on its input: on the tiny model that moved the logits by more than
+        # their own size (docs/QUANTIZATION.md, "Accuracy control")
+        problems.append(
+            f"quantize.max_changed_predictions={bound} needs quantize.smooth_quant_alpha={SMOOTH_QUANT_OFF} "
+            f"(it is {alpha!r}): NNCF's accuracy control returns a layer to float with its weights from "
+            "before SmoothQuant but keeps SmoothQuant's scale on its input, which breaks that layer."
+        )
+    if data is not None:
+        problems.append(nncf_validation_problem(len(data.val), "max_changed_predictions", bound))
+    return [p for p in problems if p]
+
+
+def _not_openvino_int8(qcfg: Mapping, key: str, what: str) -> str | None:
+    """Why `quantize.<key>`, an NNCF setting, is out of place on another method."""
+    method = qcfg.get("method")
+    if method == "openvino_int8":
+        return None
+    return (
+        f"quantize.{key}={qcfg.get(key)} is {what}, for quantize=openvino_int8; "
+        f"quantize.method is {method!r}: leave it out."
+    )
 
 
 def _raise(problems: list[str], unsupported: Exception | None = None) -> None:

@@ -55,16 +55,26 @@ def export_runtime(
 
     alpha = qcfg.get("smooth_quant_alpha")
     alpha = DEFAULTS["smooth_quant_alpha"] if alpha is None else alpha
-    alphas = openvino.AlphaChoice(alpha)
-    if precision == "int8" and alpha == openvino.AUTO:
-        if problem := nncf_validation_problem(len(val_texts)):
+    max_changed = qcfg.get("max_changed_predictions")
+    choices = openvino.NncfChoices(alpha)
+    if precision == "int8" and (alpha == openvino.AUTO or max_changed is not None):
+        key = "smooth_quant_alpha" if alpha == openvino.AUTO else "max_changed_predictions"
+        if problem := nncf_validation_problem(len(val_texts), key, max_changed):
             raise UserError(problem)
         rows = tokenizer(list(val_texts), truncation=True, max_length=max_length)["input_ids"]
         candidates = tuple(qcfg.get("smooth_quant_candidates") or DEFAULT_ALPHA_CANDIDATES)
-        alphas = openvino.AlphaChoice(alpha, candidates, tuple(rows))
-    return openvino.save(model, tokenizer, target, precision, given, max_length, alphas, training)
+        choices = openvino.NncfChoices(alpha, candidates, tuple(rows), max_changed)
+    return openvino.save(model, tokenizer, target, precision, given, max_length, choices, training)
 
 
-def nncf_validation_problem(texts: int) -> str | None:
-    """openvino_int8's `smooth_quant_alpha: auto` without validation texts."""
-    return validation_problem(texts, "smooth_quant_alpha", "NNCF's SmoothQuant alpha", "0.95 is NNCF's")
+def nncf_validation_problem(texts: int, key: str = "smooth_quant_alpha", value=None) -> str | None:
+    """openvino_int8's `smooth_quant_alpha: auto`, or its `max_changed_predictions`, without
+    validation texts to judge on."""
+    if key == "smooth_quant_alpha":
+        return validation_problem(texts, key, "NNCF's SmoothQuant alpha", "0.95 is NNCF's")
+    if texts >= 1:
+        return None
+    return (
+        f"quantize.{key}={value} bounds the share of validation predictions NNCF's int8 may change, "
+        f"and this task has no validation texts: leave quantize.{key} out (null)."
+    )

@@ -36,55 +36,67 @@ does (for its int8 exports on 2 cores, 1.08-1.26x one request a batch in its ben
 
 
 @dataclass(frozen=True)
-class AlphaChoice:
-    """SmoothQuant's alpha for NNCF: a number, or `auto` with the candidates and the tokenized
-    validation texts that choose among them."""
+class NncfChoices:
+    """What NNCF's int8 is made with: SmoothQuant's alpha (a number, or `auto` with the candidates),
+    the share of validation predictions it may change (`max_changed`, None: no accuracy control), and
+    the tokenized validation texts that `auto` and the accuracy control judge on."""
 
     alpha: float | str
     candidates: tuple[float, ...] = ()
     rows: tuple[list[int], ...] = ()
+    max_changed: float | None = None
 
 
 def convert(model: nn.Module, given: ExportInputs):
     import openvino as ov
 
     with torch.no_grad():
-        return ov.convert_model(graph(model, given.inputs), example_input=given.example)
+        converted = ov.convert_model(graph(model, given.inputs), example_input=given.example)
+    # a named output, as the ONNX export has: NNCF's accuracy control reads outputs by name
+    converted.outputs[0].get_tensor().set_names({"logits"})
+    return converted
 
 
-def quantize(ov_model, given: ExportInputs, pad_id: int, smooth_quant_alpha: float):
+def nncf_args(given: ExportInputs, pad_id: int, smooth_quant_alpha: float) -> tuple[dict, object]:
+    """(keyword arguments, advanced parameters) of the documented `nncf.quantize` call for a
+    transformer: calibrated on every calibration text, SmoothQuant on the MatMuls."""
     import nncf
     from nncf.quantization.advanced_parameters import (
         AdvancedQuantizationParameters,
         AdvancedSmoothQuantParameters,
     )
 
-    return nncf.quantize(
-        ov_model,
-        nncf.Dataset(given.calibration, lambda row: one_text(row, given.inputs, pad_id)),
-        model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(given.calibration),
-        advanced_parameters=AdvancedQuantizationParameters(
-            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=smooth_quant_alpha)
+    args = {
+        "calibration_dataset": nncf.Dataset(
+            given.calibration, lambda row: one_text(row, given.inputs, pad_id)
         ),
+        "model_type": nncf.ModelType.TRANSFORMER,
+        "subset_size": len(given.calibration),
+    }
+    return args, AdvancedQuantizationParameters(
+        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=smooth_quant_alpha)
     )
 
 
-def choose_alpha(model: nn.Module, converted, given: ExportInputs, pad_id: int, alphas: AlphaChoice):
+def quantize(ov_model, given: ExportInputs, pad_id: int, smooth_quant_alpha: float):
+    import nncf
+
+    args, advanced = nncf_args(given, pad_id, smooth_quant_alpha)
+    return nncf.quantize(ov_model, advanced_parameters=advanced, **args)
+
+
+def choose_alpha(
+    model: nn.Module, converted, given: ExportInputs, pad_id: int, alphas: NncfChoices, reference
+):
     """(alpha, NNCF's int8 graph with it, one agreement row per candidate): the candidate whose int8
-    graph changes fewest of the fp32 `model`'s predictions on the validation rows (ties: the
-    smallest mean change of the logit margin), as llm_lightning.quantization.smoothquant judges."""
+    graph changes fewest of the fp32 `model`'s predictions (`reference`, its logits) on the
+    validation rows (ties: the smallest mean change of the logit margin), as
+    llm_lightning.quantization.smoothquant judges."""
     import openvino as ov
 
     from llm_lightning.data.agreement import agreement, logits
 
-    log.info(
-        "quantize.smooth_quant_alpha=auto: the fp32 model's logits on %d validation texts, then NNCF "
-        "with each of %s",
-        len(alphas.rows),
-        list(alphas.candidates),
-    )
-    reference = logits(model, alphas.rows, pad_id)
+    log.info("quantize.smooth_quant_alpha=auto: NNCF with each of %s", list(alphas.candidates))
     core, config, best, results = ov.Core(), {"INFERENCE_NUM_THREADS": torch.get_num_threads()}, None, []
     for i, alpha in enumerate(alphas.candidates, 1):
         int8 = quantize(converted.clone(), given, pad_id, float(alpha))  # each from the same fp32 graph
@@ -106,6 +118,33 @@ def choose_alpha(model: nn.Module, converted, given: ExportInputs, pad_id: int, 
     return chosen["alpha"], int8, results
 
 
+def _int8(model: nn.Module, converted, given: ExportInputs, pad_id: int, choices: NncfChoices):
+    """(NNCF's int8 graph of the fp32 `converted`, what runtime.json records of its making)."""
+    from llm_lightning.data.agreement import logits
+
+    validated = choices.alpha == AUTO or choices.max_changed is not None
+    if validated:
+        log.info("NNCF int8: the fp32 model's logits on %d validation texts", len(choices.rows))
+    reference = logits(model, choices.rows, pad_id) if validated else None
+    alpha, int8, record = choices.alpha, None, {}
+    if alpha == AUTO:
+        alpha, int8, results = choose_alpha(model, converted, given, pad_id, choices, reference)
+        # how it was chosen, for the report and a reviewer
+        record["smooth_quant_choice"] = {"validation_texts": len(choices.rows), "candidates": results}
+    record["smooth_quant_alpha"] = float(alpha)
+    if choices.max_changed is not None:
+        from llm_lightning.runtimes.accuracy_control import accuracy_controlled
+
+        args = nncf_args(given, pad_id, float(alpha))
+        int8, control = accuracy_controlled(
+            converted, given, pad_id, args, choices.rows, reference, choices.max_changed
+        )
+        record.update(max_changed_predictions=float(choices.max_changed), accuracy_control=control)
+    elif int8 is None:
+        int8 = quantize(converted, given, pad_id, float(alpha))
+    return int8, record
+
+
 def _key(result: dict) -> tuple[int, float]:
     return result["flips"], result["margin_mae"]
 
@@ -117,24 +156,19 @@ def save(
     precision: str,
     given: ExportInputs,
     max_length: int,
-    alphas: AlphaChoice,
+    choices: NncfChoices,
     training,
 ):
     """Write an OpenVINO folder (see llm_lightning.runtimes) for `precision` fp32, bf16 or int8;
-    int8 with SmoothQuant's `alphas.alpha`, or the candidate chosen on validation for `auto`."""
+    int8 with SmoothQuant's `choices.alpha` (or the candidate chosen on validation for `auto`), and
+    with `choices.max_changed`, under NNCF's accuracy control (llm_lightning.runtimes.accuracy_control)."""
     import openvino as ov
 
     def write_model(tmp: Path) -> dict:
-        """Writes the graph; returns what runtime.json records of its SmoothQuant alpha."""
+        """Writes the graph; returns what runtime.json records of how its int8 was made."""
         converted, record = convert(model, given), {"smooth_quant_alpha": None}
-        if precision == "int8" and alphas.alpha == AUTO:
-            alpha, converted, results = choose_alpha(model, converted, given, tokenizer.pad_token_id, alphas)
-            # how it was chosen, for the report and a reviewer
-            choice = {"validation_texts": len(alphas.rows), "candidates": results}
-            record = {"smooth_quant_alpha": alpha, "smooth_quant_choice": choice}
-        elif precision == "int8":
-            converted = quantize(converted, given, tokenizer.pad_token_id, float(alphas.alpha))
-            record = {"smooth_quant_alpha": float(alphas.alpha)}
+        if precision == "int8":
+            converted, record = _int8(model, converted, given, tokenizer.pad_token_id, choices)
         ov.save_model(converted, str(tmp / MODEL_FILE), compress_to_fp16=False)
         return record
 

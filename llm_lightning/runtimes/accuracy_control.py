@@ -1,0 +1,108 @@
+"""`quantize.max_changed_predictions` for `openvino_int8`: NNCF's `quantize_with_accuracy_control`
+on the validation split, so that the int8 graph changes at most that share of the fp32 model's
+validation predictions.
+
+NNCF quantizes as `nncf.quantize` does, scores the fp32 and int8 graphs with a validation function,
+and while the drop is over `max_drop` ranks its groups of quantizers by how far each one's removal
+moves the outputs on a subset of the texts (normalized MSE of the logits), then returns groups to
+float, costliest first, re-scoring after each. It needs `smooth_quant_alpha: -1` (no SmoothQuant):
+NNCF 3.4 returns a layer to float with its pre-SmoothQuant weights but keeps SmoothQuant's scale
+on its input, which breaks the layer. The score here is agreement with the fp32 torch
+model's predictions, the rule `smooth_quant_alpha: auto` chooses by: a bound on changed predictions
+bounds the accuracy change both ways, where a bound on accuracy lets flips that cancel pass.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from llm_lightning.runtimes.inputs import ExportInputs, feed, one_text
+
+log = logging.getLogger(__name__)
+
+BATCH = 16  # validation texts per request, packed as the folder runs them
+
+
+def accuracy_controlled(
+    ov_model, given: ExportInputs, pad_id: int, nncf_args: tuple, rows, reference: torch.Tensor, max_changed
+):
+    """(NNCF's int8 graph of the fp32 `ov_model`, the record for runtime.json) with at most
+    `max_changed` (a share) of the validation `rows` predicted otherwise than by `reference`, the fp32
+    torch model's logits on them. `nncf_args`: (keyword arguments, advanced parameters) of the plain
+    `nncf.quantize` call (llm_lightning.runtimes.openvino.nncf_args)."""
+    import nncf
+
+    want = reference.argmax(-1).numpy()
+    passes: list[float] = []  # the share kept, for each scoring of the whole validation split
+
+    def score(compiled, items) -> tuple[float, list[list[np.ndarray]]]:
+        index = [int(i) for i in items]
+        got = []
+        for start in range(0, len(index), BATCH):
+            batch = [rows[i] for i in index[start : start + BATCH]]
+            width = max(len(r) for r in batch)
+            ids = np.full((len(batch), width), pad_id, dtype=np.int64)
+            mask = np.zeros_like(ids)
+            for j, row in enumerate(batch):
+                ids[j, : len(row)], mask[j, : len(row)] = row, 1
+            got.append(compiled(feed(ids, mask, given.inputs, pad_id))[0])
+        logits = np.concatenate(got)
+        kept = float((logits.argmax(-1) == want[index]).mean())
+        if len(index) == len(rows):
+            passes.append(kept)
+            log.info(
+                "NNCF accuracy control: %.2f%% of %d validation predictions kept", 100 * kept, len(index)
+            )
+        return kept, [[x] for x in logits]
+
+    validation = nncf.Dataset(range(len(rows)), lambda i: one_text(rows[i], given.inputs, pad_id))
+    log.info(
+        "quantize.max_changed_predictions=%s: NNCF's quantize_with_accuracy_control on %d validation texts",
+        max_changed,
+        len(rows),
+    )
+    args, advanced = nncf_args
+    int8 = nncf.quantize_with_accuracy_control(
+        ov_model,
+        validation_dataset=validation,
+        validation_fn=score,
+        max_drop=float(max_changed),
+        advanced_quantization_parameters=advanced,
+        **args,
+    )
+    kept = score(_compiled(int8), range(len(rows)))[0]
+    record = {
+        "validation_texts": len(rows),
+        "kept_by_the_fp32_graph": passes[0],
+        "kept_before": passes[1],
+        "kept": kept,
+        # NNCF stops short of the bound when reverting more does not help (or its iterations end)
+        "met": bool(kept >= passes[0] - float(max_changed) - 1e-12),
+        "quantizers": _quantizers(int8),
+    }
+    if not record["met"]:
+        log.warning(
+            "quantize.max_changed_predictions=%s not met: the int8 graph keeps %.2f%% of %d validation "
+            "predictions, the fp32 graph %.2f%%",
+            max_changed,
+            100 * kept,
+            len(rows),
+            100 * passes[0],
+        )
+    log.info("NNCF accuracy control: %s", record)
+    return int8, record
+
+
+def _compiled(ov_model):
+    import openvino as ov
+
+    return ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads()})
+
+
+def _quantizers(ov_model) -> int:
+    """FakeQuantize nodes left in the graph: fewer than plain `nncf.quantize` leaves, by the groups
+    returned to float."""
+    return sum(op.get_type_name() == "FakeQuantize" for op in ov_model.get_ops())
