@@ -59,6 +59,21 @@ BUILDS = {
     ),
     # q/k/v and gate/up stacked into one linear each before export (llm_lightning.quantization.fused_projections)
     "ov_int8_packed_fused": ("openvino_int8", {"inputs": "packed", "calibration_texts": 300, "fuse": True}),
+    # NNCF's accuracy control on the validation split (quantize.max_changed_predictions), which needs
+    # SmoothQuant off; `_nosq` is the same int8 without the control, what it starts from
+    "ov_int8_packed_nosq": (
+        "openvino_int8",
+        {"inputs": "packed", "calibration_texts": 300, "smooth_quant_alpha": -1},
+    ),
+    "ov_int8_packed_ac": (
+        "openvino_int8",
+        {
+            "inputs": "packed",
+            "calibration_texts": 300,
+            "smooth_quant_alpha": -1,
+            "max_changed_predictions": 0.01,
+        },
+    ),
 }
 
 
