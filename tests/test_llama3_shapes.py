@@ -346,3 +346,16 @@ def test_the_packed_openvino_graph_takes_llama3_shapes(full_run, tmp_path):
     meta = json.loads((int8 / "runtime.json").read_text())
     assert [r["alpha"] for r in meta["smooth_quant_choice"]["candidates"]] == [0.5, 0.95]
     assert meta["smooth_quant_alpha"] in (0.5, 0.95) and meta["smooth_quant_choice"]["validation_texts"] == 16
+    # NNCF's accuracy control on the same shapes: no validation prediction of fp32 torch may change
+    control = OmegaConf.create(
+        {"smooth_quant_alpha": -1, "max_changed_predictions": 1 / 32, "calibration_texts": 8}
+    )
+    kept = export_runtime(
+        model, tokenizer, "openvino_int8", tmp_path / "ac", texts, 64, control, val_texts=texts[8:]
+    )
+    record = json.loads((kept / "runtime.json").read_text())["accuracy_control"]
+    controlled, *_ = load_saved(kept)
+    val = tokenizer(texts[8:], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        same = (controlled(**val).logits.argmax(-1) == model(**val).logits.argmax(-1)).float().mean()
+    assert record["met"] and record["validation_texts"] == 16 and float(same) == record["kept"] == 1.0
