@@ -19,6 +19,7 @@ import logging
 import numpy as np
 import torch
 
+from llm_lightning.data.batching import pad
 from llm_lightning.runtimes.inputs import ExportInputs, feed, one_text
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,8 @@ def accuracy_controlled(
         index = [int(i) for i in items]
         got = []
         for start in range(0, len(index), BATCH):
-            batch = [rows[i] for i in index[start : start + BATCH]]
-            width = max(len(r) for r in batch)
-            ids = np.full((len(batch), width), pad_id, dtype=np.int64)
-            mask = np.zeros_like(ids)
-            for j, row in enumerate(batch):
-                ids[j, : len(row)], mask[j, : len(row)] = row, 1
-            got.append(compiled(feed(ids, mask, given.inputs, pad_id))[0])
+            ids, mask = pad([rows[i] for i in index[start : start + BATCH]], pad_id)
+            got.append(compiled(feed(ids.numpy(), mask.numpy(), given.inputs, pad_id))[0])
         logits = np.concatenate(got)
         kept = float((logits.argmax(-1) == want[index]).mean())
         if len(index) == len(rows):
