@@ -285,20 +285,10 @@ def nncf_control_problems(qcfg: Mapping, data=None) -> list[str]:
             f"quantize.max_changed_predictions={bound!r} must be a share in (0, 1) of the validation "
             "predictions (0.01: at most 1 in 100 changed), or null for no accuracy control."
         ]
-    problems = []
-    alpha = qcfg.get("smooth_quant_alpha")
-    if not (isinstance(alpha, int | float) and float(alpha) == SMOOTH_QUANT_OFF):
-        # NNCF 3.4 returns a layer to float with its weights from before SmoothQuant but keeps
-        # SmoothQuant's scale on its input: on the tiny model that moved the logits by more than
-        # their own size (docs/QUANTIZATION.md, "Accuracy control")
-        problems.append(
-            f"quantize.max_changed_predictions={bound} needs quantize.smooth_quant_alpha={SMOOTH_QUANT_OFF} "
-            f"(it is {alpha!r}): NNCF's accuracy control returns a layer to float with its weights from "
-            "before SmoothQuant but keeps SmoothQuant's scale on its input, which breaks that layer."
-        )
-    if data is not None:
-        problems.append(nncf_validation_problem(len(data.val), "max_changed_predictions", bound))
-    return [p for p in problems if p]
+    problem = (
+        nncf_validation_problem(len(data.val), "max_changed_predictions", bound) if data is not None else None
+    )
+    return [problem] if problem else []
 
 
 def _not_openvino_int8(qcfg: Mapping, key: str, what: str) -> str | None:

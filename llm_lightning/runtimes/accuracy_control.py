@@ -5,9 +5,11 @@ validation predictions.
 NNCF quantizes as `nncf.quantize` does, scores the fp32 and int8 graphs with a validation function,
 and while the drop is over `max_drop` ranks its groups of quantizers by how far each one's removal
 moves the outputs on a subset of the texts (normalized MSE of the logits), then returns groups to
-float, costliest first, re-scoring after each. It needs `smooth_quant_alpha: -1` (no SmoothQuant):
-NNCF 3.4 returns a layer to float with its pre-SmoothQuant weights but keeps SmoothQuant's scale
-on its input, which breaks the layer. The score here is agreement with the fp32 torch
+float, costliest first, re-scoring after each. With SmoothQuant on, a returned layer keeps its
+int8 weights and computes in float from there (NNCF's `RestoreMode.ONLY_ACTIVATIONS`): NNCF 3.4's
+full revert restores a layer's pre-SmoothQuant weights but keeps SmoothQuant's scale on its input,
+which breaks the layer. Without SmoothQuant (`smooth_quant_alpha: -1`) a returned layer is all
+float. The score here is agreement with the fp32 torch
 model's predictions, the rule `smooth_quant_alpha: auto` chooses by: a bound on changed predictions
 bounds the accuracy change both ways, where a bound on accuracy lets flips that cancel pass.
 """
@@ -35,6 +37,7 @@ def accuracy_controlled(
     torch model's logits on them. `nncf_args`: (keyword arguments, advanced parameters) of the plain
     `nncf.quantize` call (llm_lightning.runtimes.openvino.nncf_args)."""
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
     want = reference.argmax(-1).numpy()
     passes: list[float] = []  # the share kept, for each scoring of the whole validation split
@@ -67,6 +70,9 @@ def accuracy_controlled(
         validation_fn=score,
         max_drop=float(max_changed),
         advanced_quantization_parameters=advanced,
+        advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+            restore_mode=restore_mode(advanced.smooth_quant_alphas.matmul)
+        ),
         **args,
     )
     # NNCF scores the fp32 graph, then plain int8, then each step; a one-text split also counts
@@ -93,6 +99,14 @@ def accuracy_controlled(
         )
     log.info("NNCF accuracy control: %s", record)
     return int8, record
+
+
+def restore_mode(smooth_quant_alpha: float):
+    """How NNCF returns a layer to float: weights too only where SmoothQuant did not scale them."""
+    from nncf.quantization.advanced_parameters import RestoreMode
+
+    smoothed = smooth_quant_alpha >= 0  # NNCF: a negative alpha skips SmoothQuant
+    return RestoreMode.ONLY_ACTIVATIONS if smoothed else RestoreMode.ACTIVATIONS_AND_WEIGHTS
 
 
 def _compiled(ov_model):
