@@ -12,6 +12,8 @@ which breaks the layer. Without SmoothQuant (`smooth_quant_alpha: -1`) a returne
 float. The score here is agreement with the fp32 torch
 model's predictions, the rule `smooth_quant_alpha: auto` chooses by: a bound on changed predictions
 bounds the accuracy change both ways, where a bound on accuracy lets flips that cancel pass.
+NNCF judges every graph under OpenVINO's f32 precision hint, so the folder records that hint and
+runs under it: on a CPU whose default is bf16 the float parts are then slower, not other than judged.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from llm_lightning.data.batching import pad
 from llm_lightning.runtimes.inputs import ExportInputs, feed, one_text
+from llm_lightning.runtimes.openvino import ACCURACY_CONTROL_HINT
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +115,11 @@ def restore_mode(smooth_quant_alpha: float):
 def _compiled(ov_model):
     import openvino as ov
 
-    return ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    config = {
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+        "INFERENCE_PRECISION_HINT": ACCURACY_CONTROL_HINT,
+    }
+    return ov.Core().compile_model(ov_model, "CPU", config)  # as NNCF judged it and the folder runs it
 
 
 def _quantizers(ov_model) -> int:
