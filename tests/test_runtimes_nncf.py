@@ -69,6 +69,9 @@ def test_accuracy_control_settings_are_checked_before_any_work():
     ):
         check_settings(OmegaConf.create({"method": "onnx_int8", **control}))
     assert "smooth_quant_alpha=-2 must be in [0, 1]" in problems(smooth_quant_alpha=-2)
+    for count in (0, 2.5, True, "many"):
+        said = problems(smooth_quant_alpha=-1, ranking_texts=count, **control)
+        assert f"quantize.ranking_texts={count!r} must be a whole number >= 1" in said
 
 
 VAL_TEXTS = [f"critic {i}: " + "fine acting " * (i % 4) + "boring " * (i % 2) for i in range(24)]
@@ -143,13 +146,15 @@ def test_nncf_accuracy_control_keeps_the_validation_predictions_within_the_bound
     bound = 0.5 / len(val_texts)  # no prediction may change
     # as NNCF judges (f32 hint), plain int8 misses it, so the bound has work to do
     assert changed(plain_dir, ACCURACY_CONTROL_HINT) > 0
-    controlled = OmegaConf.create({**plain, "max_changed_predictions": bound})
+    # NNCF ranks each group of quantizers on 10 of the 40 texts; it scores each step on all 40
+    controlled = OmegaConf.create({**plain, "max_changed_predictions": bound, "ranking_texts": 10})
     folder = export_runtime(
         model, tokenizer, "openvino_int8", tmp_path / "ac", TEXTS, 64, controlled, val_texts=val_texts
     )
     meta = json.loads((folder / "runtime.json").read_text())
     control = meta["accuracy_control"]
     assert meta["max_changed_predictions"] == bound and control["validation_texts"] == len(val_texts)
+    assert control["ranking_texts"] == 10
     assert control["kept_by_the_fp32_graph"] == 1.0
     assert changed(folder) == 0 and control["kept"] == 1.0 and control["met"]
     assert control["kept_before"] == pytest.approx(

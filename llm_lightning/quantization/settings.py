@@ -285,10 +285,17 @@ def nncf_control_problems(qcfg: Mapping, data=None) -> list[str]:
             f"quantize.max_changed_predictions={bound!r} must be a share in (0, 1) of the validation "
             "predictions (0.01: at most 1 in 100 changed), or null for no accuracy control."
         ]
+    problems = []
+    ranking = qcfg.get("ranking_texts")
+    if ranking is not None and (isinstance(ranking, bool) or not isinstance(ranking, int) or ranking < 1):
+        problems.append(
+            f"quantize.ranking_texts={ranking!r} must be a whole number >= 1: the validation texts NNCF "
+            "ranks each group of quantizers on (300, its default; fewer is quicker and coarser)."
+        )
     problem = (
         nncf_validation_problem(len(data.val), "max_changed_predictions", bound) if data is not None else None
     )
-    return [problem] if problem else []
+    return problems + ([problem] if problem else [])
 
 
 def _not_openvino_int8(qcfg: Mapping, key: str, what: str) -> str | None:

@@ -33,12 +33,21 @@ BATCH = 16  # validation texts per request, packed as the folder runs them
 
 
 def accuracy_controlled(
-    ov_model, given: ExportInputs, pad_id: int, nncf_args: tuple, rows, reference: torch.Tensor, max_changed
+    ov_model,
+    given: ExportInputs,
+    pad_id: int,
+    nncf_args: tuple,
+    rows,
+    reference: torch.Tensor,
+    max_changed,
+    ranking_texts: int = 300,
 ):
     """(NNCF's int8 graph of the fp32 `ov_model`, the record for runtime.json) with at most
     `max_changed` (a share) of the validation `rows` predicted otherwise than by `reference`, the fp32
     torch model's logits on them. `nncf_args`: (keyword arguments, advanced parameters) of the plain
-    `nncf.quantize` call (llm_lightning.runtimes.openvino.nncf_args)."""
+    `nncf.quantize` call (llm_lightning.runtimes.openvino.nncf_args). NNCF ranks each group of
+    quantizers on `ranking_texts` of the rows (all of them if fewer): its time is about groups x
+    (a compile + that many one-text requests)."""
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
@@ -67,15 +76,17 @@ def accuracy_controlled(
         len(rows),
     )
     args, advanced = nncf_args
+    restorer = AdvancedAccuracyRestorerParameters(
+        ranking_subset_size=int(ranking_texts),
+        restore_mode=restore_mode(advanced.smooth_quant_alphas.matmul),
+    )
     int8 = nncf.quantize_with_accuracy_control(
         ov_model,
         validation_dataset=validation,
         validation_fn=score,
         max_drop=float(max_changed),
         advanced_quantization_parameters=advanced,
-        advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
-            restore_mode=restore_mode(advanced.smooth_quant_alphas.matmul)
-        ),
+        advanced_accuracy_restorer_parameters=restorer,
         **args,
     )
     # NNCF scores the fp32 graph, then plain int8, then each step; a one-text split also counts
@@ -84,6 +95,7 @@ def accuracy_controlled(
     kept = score(_compiled(int8), range(len(rows)))[0]
     record = {
         "validation_texts": len(rows),
+        "ranking_texts": min(restorer.ranking_subset_size, len(rows)),  # NNCF takes all if fewer
         "kept_by_the_fp32_graph": fp32,
         "kept_before": before,
         "kept": kept,

@@ -14,7 +14,13 @@ from llm_lightning.runtimes.inputs import ExportInputs, example_inputs
 
 # what a config that leaves a key out gets (conf/quantize/*.yaml spell each one out): 0.95 is NNCF's
 # own alpha for a transformer's MatMuls, the shipped openvino_int8 config's too
-DEFAULTS = {"calibration_texts": 300, "onnx_mode": "dynamic", "smooth_quant_alpha": 0.95, "inputs": "packed"}
+DEFAULTS = {
+    "calibration_texts": 300,
+    "onnx_mode": "dynamic",
+    "smooth_quant_alpha": 0.95,
+    "inputs": "packed",
+    "ranking_texts": 300,  # NNCF's ranking_subset_size
+}
 DEFAULT_ALPHA_CANDIDATES = (0.5, 0.65, 0.8, 0.95)  # what smooth_quant_alpha=auto tries
 
 
@@ -63,7 +69,8 @@ def export_runtime(
             raise UserError(problem)
         rows = tokenizer(list(val_texts), truncation=True, max_length=max_length)["input_ids"]
         candidates = tuple(qcfg.get("smooth_quant_candidates") or DEFAULT_ALPHA_CANDIDATES)
-        choices = openvino.NncfChoices(alpha, candidates, tuple(rows), max_changed)
+        ranking = int(qcfg.get("ranking_texts") or DEFAULTS["ranking_texts"])
+        choices = openvino.NncfChoices(alpha, candidates, tuple(rows), max_changed, ranking)
     return openvino.save(model, tokenizer, target, precision, given, max_length, choices, training)
 
 

@@ -42,13 +42,15 @@ does (for its int8 exports on 2 cores, 1.08-1.26x one request a batch in its ben
 @dataclass(frozen=True)
 class NncfChoices:
     """What NNCF's int8 is made with: SmoothQuant's alpha (a number, or `auto` with the candidates),
-    the share of validation predictions it may change (`max_changed`, None: no accuracy control), and
-    the tokenized validation texts that `auto` and the accuracy control judge on."""
+    the share of validation predictions it may change (`max_changed`, None: no accuracy control),
+    the tokenized validation texts that `auto` and the accuracy control judge on, and how many of
+    them the accuracy control ranks quantizers on (`ranking_texts`)."""
 
     alpha: float | str
     candidates: tuple[float, ...] = ()
     rows: tuple[list[int], ...] = ()
     max_changed: float | None = None
+    ranking_texts: int = 300
 
 
 def convert(model: nn.Module, given: ExportInputs):
@@ -141,7 +143,14 @@ def _int8(model: nn.Module, converted, given: ExportInputs, pad_id: int, choices
 
         args = nncf_args(given, pad_id, float(alpha))
         int8, control = accuracy_controlled(
-            converted, given, pad_id, args, choices.rows, reference, choices.max_changed
+            converted,
+            given,
+            pad_id,
+            args,
+            choices.rows,
+            reference,
+            choices.max_changed,
+            choices.ranking_texts,
         )
         record.update(max_changed_predictions=float(choices.max_changed), accuracy_control=control)
     elif int8 is None:
