@@ -118,7 +118,8 @@ def test_nncf_accuracy_control_keeps_the_validation_predictions_within_the_bound
     from omegaconf import OmegaConf
 
     from llm_lightning.data.agreement import agreement, logits
-    from llm_lightning.runtimes.openvino import ACCURACY_CONTROL_HINT, load
+    from llm_lightning.runtimes.accuracy_control import ACCURACY_CONTROL_HINT
+    from llm_lightning.runtimes.openvino import load
 
     model, tokenizer = tiny
     # validation texts close to the fp32 model's decision boundary, where int8's error flips some

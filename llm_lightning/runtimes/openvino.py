@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from llm_lightning.runtimes.accuracy_control import ACCURACY_CONTROL_HINT, accuracy_controlled
 from llm_lightning.runtimes.folder import RuntimeClassifier, tokenizer_of, write_folder
 from llm_lightning.runtimes.inputs import ExportInputs, graph, one_text, split_rows
 
@@ -28,9 +29,6 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.xml"
 AUTO = "auto"  # quantize.smooth_quant_alpha: the candidate chosen on the validation split
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": None}  # None: OpenVINO's default for the CPU
-# NNCF's accuracy control judges each graph under the f32 hint (its OVPreparedModel), not the CPU's
-# default (bf16 where it has AVX-512 BF16 or AMX): its folders are run as they were judged
-ACCURACY_CONTROL_HINT = "f32"
 TIP = """
 For many texts, OpenVINO's throughput setting is faster: compile with
 `{"PERFORMANCE_HINT": "THROUGHPUT"}` and keep one request per stream busy (`ov.AsyncInferQueue`),
@@ -139,8 +137,6 @@ def _int8(model: nn.Module, converted, given: ExportInputs, pad_id: int, choices
         record["smooth_quant_choice"] = {"validation_texts": len(choices.rows), "candidates": results}
     record["smooth_quant_alpha"] = float(alpha)
     if choices.max_changed is not None:
-        from llm_lightning.runtimes.accuracy_control import accuracy_controlled
-
         args = nncf_args(given, pad_id, float(alpha))
         int8, control = accuracy_controlled(
             converted,
