@@ -13,7 +13,8 @@ float. The score here is agreement with the fp32 torch
 model's predictions, the rule `smooth_quant_alpha: auto` chooses by: a bound on changed predictions
 bounds the accuracy change both ways, where a bound on accuracy lets flips that cancel pass.
 NNCF judges every graph under OpenVINO's f32 precision hint, so the folder records that hint and
-runs under it: on a CPU whose default is bf16 the float parts are then slower, not other than judged.
+runs under it, where a CPU's default (bf16 with AVX-512 BF16 or AMX) would change predictions NNCF
+kept; on EPYC-512 that cost no speed (docs/QUANTIZATION.md, "Accuracy control").
 """
 
 from __future__ import annotations
