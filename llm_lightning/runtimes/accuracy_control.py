@@ -43,7 +43,7 @@ def accuracy_controlled(
     rows,
     reference: torch.Tensor,
     max_changed,
-    ranking_texts: int = 300,
+    ranking_texts: int,
 ):
     """(NNCF's int8 graph of the fp32 `ov_model`, the record for runtime.json) with at most
     `max_changed` (a share) of the validation `rows` predicted otherwise than by `reference`, the fp32
