@@ -16,7 +16,13 @@ from torch import nn
 
 from llm_lightning.measure.bench import check_turn_names, round_rates, spread, turn_batches, turns
 from llm_lightning.measure.compiling import constant_cpu_probes, maybe_compile
-from llm_lightning.quantization.onednn_int8 import int8_linear_packed, pack_int8_weight
+from llm_lightning.quantization.onednn_int8 import (
+    SIGNED_8,
+    activation_codes,
+    encode,
+    int8_linear_packed,
+    pack_int8_weight,
+)
 
 
 def compile_decoder(model: nn.Module, compile: bool, options: dict | None = None) -> nn.Module:
@@ -88,6 +94,8 @@ def layer_matmul_rate(model: nn.Module, rows: int, repeats: int = 3) -> Callable
     inputs = {k: torch.randint(-128, 127, (rows, k), dtype=torch.int8) for k, _ in shapes}
     weights = [(k, torch.randint(-128, 127, (n, k), dtype=torch.int8), torch.rand(n)) for k, n in shapes]
     packed = [(k, pack_int8_weight(w), w.t(), scales) for k, w, scales in weights]
+    codes = activation_codes() or SIGNED_8  # the codes the centred forward feeds oneDNN on this CPU
+    coded = {k: encode(q.clamp(codes.low, codes.high), codes) for k, q in inputs.items()}
     ops = sum(2 * rows * k * n for k, n in shapes)
 
     def once() -> float:
@@ -96,7 +104,7 @@ def layer_matmul_rate(model: nn.Module, rows: int, repeats: int = 3) -> Callable
             if pw is None:
                 torch._int_mm(inputs[k], wt)
             else:
-                int8_linear_packed(inputs[k], pw, scales)
+                int8_linear_packed(coded[k], pw, scales, codes.zero_point)
         return time.perf_counter() - started
 
     def probe() -> float:

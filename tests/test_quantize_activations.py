@@ -17,12 +17,28 @@ from torchao.quantization import MappingType
 
 from llm_lightning.measure.compiling import maybe_compile
 from llm_lightning.models.saved import load_saved
+from llm_lightning.quantization import centering
 from llm_lightning.quantization.centering import CENTERED
-from llm_lightning.quantization.onednn_int8 import packed_matmul_is_exact, packed_matmul_is_usable
+from llm_lightning.quantization.onednn_int8 import (
+    SIGNED_8,
+    UNSIGNED_7,
+    UNSIGNED_8,
+    activation_codes,
+    packed_matmul_is_exact,
+    packed_matmul_is_usable,
+)
 from llm_lightning.quantization.saved import META_FILE, save_quantized
 from llm_lightning.quantization.settings import torchao_config
 from llm_lightning.quantization.torchao_path import quantize_linears, quantize_model
 from tests.test_quantize import logits
+
+
+@pytest.fixture
+def eight_bit_codes(monkeypatch):
+    """Centring at torchao's 8 bits on every CPU: where oneDNN takes only 7-bit codes (no VNNI),
+    the centred layers here skip it for torchao's `_int_mm`, which takes signed 8-bit ones."""
+    if activation_codes() not in (SIGNED_8, UNSIGNED_8):
+        monkeypatch.setattr(centering, "pack_int8_weight", lambda qdata: None)
 
 
 def int8(model, activations: str, **kwargs):
@@ -90,7 +106,7 @@ def offset_layer_error(kind: str, smoothquant: bool) -> float:
 
 
 @pytest.mark.parametrize("smoothquant", [False, True], ids=["plain", "smoothquant"])
-def test_centring_is_as_precise_as_a_zero_point(smoothquant):
+def test_centring_is_as_precise_as_a_zero_point(smoothquant, eight_bit_codes):
     """Centring spends the int8 range on [min, max] like torchao's zero point: the same error
     (within 15%), and well below the symmetric error on offset activations."""
     symmetric = offset_layer_error("symmetric", smoothquant)
@@ -101,7 +117,9 @@ def test_centring_is_as_precise_as_a_zero_point(smoothquant):
 
 
 @pytest.mark.parametrize("smoothquant", [False, True], ids=["plain", "smoothquant"])
-def test_centred_forward_computes_what_torchaos_symmetric_linear_does_on_centred_tokens(smoothquant):
+def test_centred_forward_computes_what_torchaos_symmetric_linear_does_on_centred_tokens(
+    smoothquant, eight_bit_codes
+):
     """The centred forward quantizes and multiplies by itself (one range reduction instead of
     two); it must give what torchao's own symmetric int8 linear gives on the centred tokens. Its
     scale, (max - min) / 2 / 127.5, can differ from torchao's max|x - c| / 127.5 in the last bit,
@@ -203,39 +221,72 @@ def test_compiled_int8_layers_trace_in_one_graph_each(tiny, activations):
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)
 
 
+def exact_centred_linear(layer: torch.nn.Linear, x: torch.Tensor, codes) -> torch.Tensor:
+    """A centred layer's output computed in float64 from the same integer levels as `codes` give:
+    what an exact int8 kernel must return, up to float32 rounding."""
+    scaled = x if layer.act_pre_scale is None else x * layer.act_pre_scale
+    high, low = scaled.amax(-1, keepdim=True), scaled.amin(-1, keepdim=True)
+    center = (high + low) / 2
+    scale = ((high - low) / 2 / codes.half_range).clamp(min=centering.EPS)
+    levels = torch.clamp(torch.round((scaled - center) * (1.0 / scale)), codes.low, codes.high)
+    products = levels.double() @ layer.int8_weight_t.double()
+    y = products * scale.double() * layer.weight_scales.double()
+    return (y + center.double() * layer.weight_row_sums.double()).float()
+
+
 @pytest.mark.parametrize("shape", [(64, 48), (576, 1536), (1536, 576)], ids=["tiny", "up", "down"])
-def test_packed_onednn_weights_give_what_torch_int_mm_gives(shape):
+def test_packed_onednn_weights_give_the_exact_products_of_their_codes(shape):
     """On x86 CPUs the centred forward multiplies by oneDNN's packed copy of each int8 weight
-    (llm_lightning.quantization.onednn_int8) instead of torch._int_mm on the plain one: the same integer
-    products and scales, so one layer agrees to float rounding, eager and compiled."""
+    (llm_lightning.quantization.onednn_int8), fed the activation codes this CPU multiplies exactly:
+    8-bit where it has VNNI or AMX, 7-bit without (AVX2, where 8-bit ones came out a quarter of the
+    output's range wrong). Eager and compiled, one layer gives the exact integer products of those
+    codes to float rounding, and on an 8-bit CPU what torch._int_mm gives."""
     if not (torch.backends.mkldnn.is_available() and packed_matmul_is_usable()):
-        pytest.skip(
-            "no exact and fast oneDNN int8 linear here (no oneDNN, no VNNI/AMX, or only its reference "
-            "kernel): the centred forward uses _int_mm"
-        )
+        pytest.skip("no exact and fast oneDNN int8 linear here: the centred forward uses _int_mm")
     torch.manual_seed(0)
     features, out_features = shape
     x = torch.randn(3, 5, features) + 4 * torch.rand(3, 5, 1)
-    layer = torch.nn.Linear(features, out_features)
+    layer = torch.nn.Linear(features, out_features, bias=False)
     model, compiled = OneLayer(layer), OneLayer(copy.deepcopy(layer))
     for each in (model, compiled):
         quantize_model(each, "int8_dynamic", activations="asymmetric")
-    assert model.proj.packed_int8_weight is not None
+    codes = activation_codes()
+    assert model.proj.packed_int8_weight is not None and model.proj.activation_codes == codes
     with torch.inference_mode():
         packed, compiled = model(x), maybe_compile(compiled, True)(x)
+        exact = exact_centred_linear(model.proj, x, codes)
         model.proj.packed_int8_weight = None  # centering falls back to torchao's _int_mm
-        expected = model(x)
-    scale = expected.abs().max()
-    torch.testing.assert_close(packed, expected, atol=1e-6 * scale, rtol=0)
-    torch.testing.assert_close(compiled, expected, atol=1e-5 * scale, rtol=0)
+        int_mm = model(x)
+    scale = exact.abs().max()
+    torch.testing.assert_close(packed, exact, atol=1e-6 * scale, rtol=0)
+    torch.testing.assert_close(compiled, exact, atol=1e-5 * scale, rtol=0)
+    if codes != UNSIGNED_7:
+        torch.testing.assert_close(packed, int_mm, atol=1e-6 * scale, rtol=0)
+
+
+def test_seven_bit_codes_are_exact_where_eight_bit_ones_saturate():
+    """On AVX2 (no VNNI) oneDNN sums pairs of unsigned x signed int8 products in int16, which
+    saturates for 8-bit codes; 7-bit unsigned codes keep every pair sum below 2^15. Wherever the
+    8-bit codes are wrong the probe must pick the 7-bit ones (if they are fast), and the 7-bit
+    ones are exact on every CPU with oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    assert packed_matmul_is_exact(UNSIGNED_7)
+    codes = activation_codes()
+    if not packed_matmul_is_exact(SIGNED_8) and not packed_matmul_is_exact(UNSIGNED_8):
+        assert codes in (UNSIGNED_7, None)
+    if codes is not None:
+        assert packed_matmul_is_exact(codes) and packed_matmul_is_usable()
 
 
 def test_packed_int8_model_stays_within_the_quantization_error(tiny):
     """Through a whole model, a float-rounding difference can tip an activation across an int8
     rounding boundary in the next layer (one int8 step, as large as the quantization error
     itself), so packed and plain do not agree to rounding: the packed model must be as close to
-    fp32 as the plain one (the 1.5 allows for which side of a boundary each lands on)."""
+    fp32 as the plain one (the 1.5 allows for which side of a boundary each lands on). With 7-bit
+    codes (CPUs without VNNI) an activation step is twice as wide, and so may the error be."""
     model, tokenizer = tiny
+    codes = activation_codes() or SIGNED_8
     reference = logits(model, tokenizer)
     packed = int8(model, "asymmetric")
     plain = int8(model, "asymmetric")
@@ -244,7 +295,8 @@ def test_packed_int8_model_stays_within_the_quantization_error(tiny):
             module.packed_int8_weight = None
     plain_error = (logits(plain, tokenizer) - reference).norm()
     packed_error = (logits(packed, tokenizer) - reference).norm()
-    assert 0 < packed_error <= 1.5 * plain_error, (packed_error, plain_error)
+    allowed = 1.5 * (SIGNED_8.half_range / codes.half_range) * plain_error
+    assert 0 < packed_error <= allowed, (packed_error, plain_error, codes.name)
 
 
 def test_centred_models_deepcopy_and_move_with_their_packed_weights(tiny):

@@ -43,7 +43,8 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [
         "# Compression report\n",
-        f"{env['cpu']}, {env['threads']} torch threads, torch {env['torch']}. "
+        f"{env['cpu']} ({env.get('cpu_capability', '?')}), {env['threads']} torch threads, torch {env['torch']}; "
+        f"torch int8 activations: {env.get('int8_activation_codes', '?')}. "
         f"Speed is real (non-pad) tokens/s on the test texts; speedup uses `{report['speed_key']}`.\n",
         "| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),

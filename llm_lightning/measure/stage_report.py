@@ -31,6 +31,7 @@ from llm_lightning.errors import MissingFileError, UnsupportedError, UserError
 from llm_lightning.measure.bench import BenchSettings, cpu_name, measure
 from llm_lightning.measure.paired import compare
 from llm_lightning.measure.report_files import markdown, pareto_plot, to_tensorboard
+from llm_lightning.quantization.onednn_int8 import int8_codes_name
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,9 @@ def environment() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2, AVX512, ...
+        # what oneDNN's int8 linear takes here: 7-bit activation codes without VNNI (AVX2)
+        "int8_activation_codes": int8_codes_name(),
         "cores": os.cpu_count(),
     }
 

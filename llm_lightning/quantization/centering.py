@@ -25,7 +25,12 @@ import types
 import torch
 from torch import nn
 
-from llm_lightning.quantization.onednn_int8 import int8_linear_packed, pack_int8_weight
+from llm_lightning.quantization.onednn_int8 import (
+    SIGNED_8,
+    activation_codes,
+    int8_linear_packed,
+    pack_int8_weight,
+)
 
 CENTERED = "_llm_lightning_centered"
 EPS = torch.finfo(torch.float32).eps  # torchao's floor for int8 scales
@@ -62,6 +67,7 @@ def center_activations(model: nn.Module) -> int:
             module.register_buffer(
                 "act_pre_scale", None if pre_scale is None else pre_scale.float().clone(), persistent=False
             )
+        module.activation_codes = activation_codes() or SIGNED_8  # fixed per CPU: probed once a process
         module.forward = types.MethodType(_centered_forward, module)
         if type(module) is nn.Linear:
             module.__class__ = CentredLinear  # deep-copyable despite the packed weight
@@ -102,12 +108,19 @@ def _centered_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     scaled = x if self.act_pre_scale is None else x * self.act_pre_scale
     high, low = scaled.amax(dim=-1, keepdim=True), scaled.amin(dim=-1, keepdim=True)
     center = (high + low) / 2
-    scale = ((high - low) / 2 / 127.5).clamp(min=EPS)
-    q = torch.clamp(torch.round((scaled - center) * (1.0 / scale)), -128, 127).to(torch.int8)
+    # oneDNN's packed weight takes the activation codes this CPU multiplies exactly (7-bit ones on
+    # CPUs without VNNI, llm_lightning.quantization.onednn_int8); torchao's matmul signed 8-bit
+    packed = self.packed_int8_weight is not None
+    codes = self.activation_codes if packed else SIGNED_8
+    scale = ((high - low) / 2 / codes.half_range).clamp(min=EPS)
+    levels = torch.clamp(torch.round((scaled - center) * (1.0 / scale)), codes.low, codes.high)
+    q = (levels + codes.zero_point if codes.zero_point else levels).to(codes.dtype)
     rows, row_scales = q.reshape(-1, q.shape[-1]), scale.reshape(-1, 1)
-    if self.packed_int8_weight is not None:
-        # x86 CPU: oneDNN with the weight packed once (llm_lightning.quantization.onednn_int8)
-        y = int8_linear_packed(rows, self.packed_int8_weight, self.weight_scales) * row_scales
+    if packed:  # x86 CPU: oneDNN with the weight packed once
+        y = (
+            int8_linear_packed(rows, self.packed_int8_weight, self.weight_scales, codes.zero_point)
+            * row_scales
+        )
     else:
         # torchao's own int8 matmul + activation scale: on CPU torch._int_mm (u8s8 on CPUs with
         # VNNI but no AMX), on CUDA its cuBLAS path with fallbacks for small shapes

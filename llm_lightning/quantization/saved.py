@@ -4,8 +4,8 @@
       config.json, tokenizer files    as in model/ (save_pretrained)
       quantization.json               {"format": 3, "method", "compile", "skip",
                                       "smoothquant_alpha", "activations", "centered",
-                                      "fused_projections", "torch", "torchao", "weights",
-                                      "attn_implementation"}; formats 1 (no "centered") and 2 (no
+                                      "built_with_activations", "fused_projections", "torch",
+                                      "torchao", "weights", "attn_implementation"}; formats 1 (no "centered") and 2 (no
                                       "fused_projections") load too
       training.json                   the input model's data record (llm_lightning.data.provenance)
       model.safetensors               quantize=bf16 only: save_pretrained's bf16 weights, which
@@ -35,6 +35,7 @@ from llm_lightning.artifacts import atomic_dir, write_json
 from llm_lightning.errors import UserError
 from llm_lightning.quantization.centering import CENTERED, center_activations
 from llm_lightning.quantization.fused_projections import fuse_projections, is_fused
+from llm_lightning.quantization.onednn_int8 import int8_codes_name
 from llm_lightning.quantization.settings import FLOAT_METHODS, settings_as_used
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,10 @@ def save_quantized(
             "smoothquant_alpha": smoothquant_alpha,  # the smoothing is inside the weights (act_pre_scale)
             "activations": activations if method == "int8_dynamic" else None,
             # asymmetric by centring: the loader must centre again (llm_lightning.quantization.centering)
-            "centered": any(getattr(m, CENTERED, False) for m in model.modules()),
+            "centered": (centered := any(getattr(m, CENTERED, False) for m in model.modules())),
+            # the activation codes of this CPU, under which the folder was built and its alpha chosen;
+            # a CPU that loads it uses its own (7-bit without VNNI: llm_lightning.quantization.onednn_int8)
+            "built_with_activations": int8_codes_name() if centered else None,
             # the loader must stack the same layers before the weights fit
             "fused_projections": is_fused(model),
             "torch": torch.__version__,
