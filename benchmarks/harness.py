@@ -84,6 +84,35 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
+def int8_rates(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """Operations per second of one n x n x n int8 multiply by each int8 kernel this CPU offers:
+    `torch._int_mm`, and oneDNN's packed linear fed the activation codes the centred forward uses
+    here. On AVX2 `_int_mm` is a scalar loop (2 GOP/s against 250 for oneDNN with 7-bit codes,
+    2026-12-07), so the faster of the two is the CPU's int8 ceiling; a single call over a second
+    is not repeated."""
+    gen = torch.Generator().manual_seed(0)
+    codes = activation_codes()
+    a = torch.randint(codes.low if codes else -128, (codes.high if codes else 127) + 1, (n, n), generator=gen)
+    b = torch.randint(-127, 128, (n, n), dtype=torch.int8, generator=gen)
+    kernels = {"torch._int_mm": lambda: torch._int_mm(a.to(torch.int8), b)}
+    if codes is not None and (packed := pack_int8_weight(b.T.contiguous())) is not None:
+        coded, scales = encode(a, codes), torch.ones(n)
+        kernels[f"oneDNN, {codes.name}"] = lambda: int8_linear_packed(coded, packed, scales, codes.zero_point)
+    rates = {}
+    for name, mm in kernels.items():
+        started = time.perf_counter()
+        mm()
+        times = [time.perf_counter() - started]
+        if times[0] < 1.0:
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                mm()
+                times.append(time.perf_counter() - started)
+        rates[name] = 2 * n**3 / statistics.median(times)
+    return rates
+
+
 def layer_matmul_rate(model: nn.Module, rows: int, repeats: int = 3) -> Callable[[], float]:
     """A probe: operations per second of one decoder layer's int8 matmuls alone, on `rows` tokens
     (a batch's), with oneDNN-packed weights as the centred forward runs them (torch._int_mm where

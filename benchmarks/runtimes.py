@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from compare import ORDERS, in_turns, load_all, print_table
-from harness import matmul_rate
+from harness import int8_rates
 from omegaconf import OmegaConf
 
 from llm_lightning.data import load_task
@@ -107,15 +107,17 @@ def decoder_linear_params(model_dir: Path) -> int:
     return sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
 
 
-def matmul_share(models: dict, turns: dict, rates: list[float], n_linear: int) -> None:
+def matmul_share(models: dict, turns: dict, rates: list[dict[str, float]], n_linear: int) -> None:
     """Each int8 model's tok/s against the ceiling this CPU's int8 multiply allows it: the 2048^3
-    `torch._int_mm` rate over 2 x its decoder linear parameters (issue 21's "int8 matmul share").
-    The fastest of the probe's reads is the ceiling: a read slowed by the machine would make every
-    share look higher than it is."""
-    rate = max(rates)
+    int8 rate (`harness.int8_rates`: `torch._int_mm`, and oneDNN's packed linear where it is
+    exact) over 2 x its decoder linear parameters (issue 21's "int8 matmul share"). The fastest
+    of the reads is the ceiling: a read slowed by the machine would make every share look higher
+    than it is, and so would `_int_mm` where it is a scalar loop (AVX2)."""
+    rate = max(max(read.values()) for read in rates)
     ceiling = rate / (2 * n_linear)
+    reads = "; ".join(f"{k} {', '.join(f'{r[k] / 1e9:,.0f}' for r in rates)}" for k in rates[0])
     print(
-        f"\nint8 matmul share: torch._int_mm 2048^3 {', '.join(f'{r / 1e9:,.0f}' for r in rates)} GOP/s "
+        f"\nint8 matmul share: 2048^3 int8 GOP/s, {reads} "
         f"(before the models, before and after the turns; the fastest, {rate / 1e9:,.0f}, is the ceiling), so {ceiling:,.0f} tok/s for "
         f"{n_linear / 1e6:.1f} M decoder linear weights"
     )
@@ -231,7 +233,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = 64
-    rates = [matmul_rate(torch.int8)]  # before any model is built or loaded: the CPU's rate on its own
+    rates = [int8_rates()]  # before any model is built or loaded: the CPU's rate on its own
     task = OmegaConf.load(conf_dir() / "task" / "sentiment.yaml")
     data = load_task(task, args.seed)
     check_split(args.model_dir, task, args.seed, data, allow=args.allow_split_mismatch)
@@ -247,9 +249,9 @@ def main() -> None:
     options = argparse.Namespace(padding_free=set(args.padding_free), texts=args.texts)
     models = load_all(paths, data.test, task.max_length, options)
     texts = list(data.test.texts[: args.texts])
-    rates.append(matmul_rate(torch.int8))
+    rates.append(int8_rates())
     turns = in_turns(models, texts, args.rounds, task.max_length)
-    rates.append(matmul_rate(torch.int8))
+    rates.append(int8_rates())
     print_table(models, turns, list(data.test.labels), args.rounds, len(texts))
     matmul_share(models, turns, rates, decoder_linear_params(args.model_dir))
     throughput_hint(models, texts, args.rounds, task.max_length)
