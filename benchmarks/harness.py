@@ -1,5 +1,5 @@
 """What only the benchmarks choose, kept out of the package: the decoder compiled as one graph, and
-probes (the CPU's matmul rates: `matmul_rate`, `layer_matmul_rate`) timed in turns with the models.
+probes (the CPU's matmul rates: `matmul_rate`, `int8_rates`, `layer_matmul_rate`) timed in turns with the models.
 
 Imported as a sibling module (`from harness import ...`): `python benchmarks/X.py` puts
 benchmarks/ first on the module path.
@@ -111,6 +111,11 @@ def int8_rates(n: int = 2048, repeats: int = 5) -> dict[str, float]:
                 times.append(time.perf_counter() - started)
         rates[name] = 2 * n**3 / statistics.median(times)
     return rates
+
+
+def int8_ceiling(repeats: int = 5) -> float:
+    """The fastest 2048^3 int8 rate of this CPU's kernels (`int8_rates`)."""
+    return max(int8_rates(repeats=repeats).values())
 
 
 def layer_matmul_rate(model: nn.Module, rows: int, repeats: int = 3) -> Callable[[], float]:

@@ -13,7 +13,7 @@ inductor's kernel profiling on. The profiled pass's wall time is split into
   attention bmm     the two small matmuls of eager attention
   the rest          Python, dynamo's guards, the dispatcher, allocations: the wall time less the above
 
-and the int8 ceiling (the 2048^3 `_int_mm` rate over 2 x linear parameters, as benchmarks/quantize.py
+and the int8 ceiling (the 2048^3 int8 rate of the fastest kernel over 2 x linear parameters, as benchmarks/quantize.py
 prints it) is set beside two bounds: the throughput if everything but the int8 matmuls took no
 time, and the measured one. The profiler adds its own cost, so the split is read as shares.
 With inductor's C++ wrapper (`+cpp_wrapper`) the wrapper calls ATen ops without the dispatcher's
@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from harness import matmul_rate  # (benchmarks/harness.py)
+from harness import int8_ceiling  # (benchmarks/harness.py)
 from omegaconf import OmegaConf
 from quantize import VARIANTS, build  # (benchmarks/quantize.py)
 from torch.profiler import ProfilerActivity, profile
@@ -66,14 +66,14 @@ def split(prof, wall_s: float) -> dict[str, float]:
 
 
 def measure(model, rows: list[list[int]], pad_id: int, passes: int) -> dict:
-    """Time the first pass (compiling), the median of `passes`, probe `_int_mm` right after (not
+    """Time the first pass (compiling), the median of `passes`, probe the int8 ceiling right after (not
     minutes apart), then profile one pass and split it."""
     batches = padded_batches(rows, 16, pad_id)
     tokens = sum(len(r) for r in rows)
     with torch.inference_mode():
         first = timed_pass(model, batches)
         wall = statistics.median(timed_pass(model, batches) for _ in range(passes))
-        rate = matmul_rate(torch.int8, repeats=3)
+        rate = int8_ceiling(repeats=3)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             profiled = timed_pass(model, batches)
     return {
@@ -142,7 +142,7 @@ def main() -> None:
             f"| {shares} | {alone:.0%} |"
         )
     probes = ", ".join(f"{r['rate'] / 1e9:,.0f} GOP/s ({r['ceiling']:,.0f} tok/s)" for r in results)
-    print(f"\nceiling: the 2048^3 _int_mm rate probed after each variant's passes: {probes}")
+    print(f"\nceiling: the 2048^3 int8 rate (fastest kernel) probed after each variant's passes: {probes}")
 
 
 if __name__ == "__main__":
