@@ -114,3 +114,22 @@ def test_settings_as_used_replace_auto_and_leave_the_config_alone():
     assert list(used) == list(qcfg) and qcfg.smoothquant_alpha == "auto"
     weight_only = OmegaConf.load(CONF / "quantize" / "int8_weight_only.yaml")
     assert settings_as_used(weight_only, None) == OmegaConf.to_container(weight_only)  # no key added
+
+
+@pytest.mark.parametrize("codes", ["UNSIGNED_7", "SIGNED_8"])
+def test_symmetric_activations_warn_where_torch_int_mm_is_a_scalar_loop(monkeypatch, caplog, codes):
+    """Symmetric activations run torchao's own linear, so torch._int_mm: on a CPU without VNNI
+    (where oneDNN takes 7-bit codes) that is tens of times slower than fp32, which the check says
+    before any work; asymmetric, the default, and CPUs with VNNI or AMX get no warning."""
+    from llm_lightning.quantization import onednn_int8
+
+    monkeypatch.setattr(onednn_int8, "activation_codes", lambda: getattr(onednn_int8, codes))
+    with caplog.at_level("WARNING"):
+        check_settings(int8_dynamic(activations="asymmetric"))
+        assert not caplog.records
+        check_settings(int8_dynamic(activations="symmetric"))
+    warned = [r.getMessage() for r in caplog.records]
+    if codes == "UNSIGNED_7":
+        assert len(warned) == 1 and "quantize.activations=symmetric" in warned[0] and "no VNNI" in warned[0]
+    else:
+        assert not warned

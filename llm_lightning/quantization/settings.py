@@ -8,6 +8,7 @@ library functions that take one of these values on its own (`set_attention`, `ch
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from llm_lightning.data.agreement import validation_problem as no_validation_texts
 from llm_lightning.errors import UnsupportedError, UserError
+from llm_lightning.quantization import onednn_int8
 from llm_lightning.runtimes import CHOICES as RUNTIME_EXPORTS
 from llm_lightning.runtimes import require as require_runtime
 from llm_lightning.runtimes.inputs import INPUTS as GRAPH_INPUTS
@@ -36,6 +38,9 @@ DEFAULT_CANDIDATES = (0.3, 0.4, 0.5, 0.6, 0.7)  # the alphas `auto` tries
 DEFAULT_GROUP_SIZE = 128  # int4: input features that share one weight scale (torchao's default)
 DEFAULT_CALIBRATION_TEXTS = 64  # training texts that measure SmoothQuant's per-channel maxima
 DEFAULT_ACTIVATIONS = "symmetric"
+
+
+log = logging.getLogger(__name__)
 
 
 class QuantizationUnsupportedError(UnsupportedError):
@@ -190,8 +195,11 @@ def check_settings(qcfg: Mapping, data=None, *, device: str = "cpu", require_met
     alpha = qcfg.get("smoothquant_alpha")
     texts = int(qcfg.get("calibration_texts", DEFAULT_CALIBRATION_TEXTS))
     problems += smoothquant_problems(method, alpha, texts if data is None else (len(data.train) and texts))
-    problems += [activations_problem(method, qcfg.get("activations", DEFAULT_ACTIVATIONS))]
+    activations = qcfg.get("activations", DEFAULT_ACTIVATIONS)
+    problems += [activations_problem(method, activations)]
     problems += [attention_problem(qcfg.get("attention"))]
+    if method == "int8_dynamic" and activations == "symmetric" and device == "cpu":
+        _warn_if_int_mm_is_slow()
     if alpha == AUTO and method == "int8_dynamic":
         problems += [candidates_problem(qcfg.get("smoothquant_candidates") or DEFAULT_CANDIDATES)]
         problems += [validation_problem(len(data.val))] if data is not None else []
@@ -307,6 +315,18 @@ def _not_openvino_int8(qcfg: Mapping, key: str, what: str) -> str | None:
         f"quantize.{key}={qcfg.get(key)} is {what}, for quantize=openvino_int8; "
         f"quantize.method is {method!r}: leave it out."
     )
+
+
+def _warn_if_int_mm_is_slow() -> None:
+    """Symmetric activations go through torchao's own linear, so `torch._int_mm`, which on CPUs
+    without VNNI (where oneDNN needs 7-bit codes) is a scalar loop: 40-60x slower than fp32 on AVX2
+    (docs/QUANTIZATION.md, "int8 on CPUs without VNNI")."""
+    if onednn_int8.activation_codes() == onednn_int8.UNSIGNED_7:
+        log.warning(
+            "quantize.activations=symmetric multiplies with torch._int_mm, which on this CPU (no VNNI) "
+            "ran 40-60x slower than fp32; quantize.activations=asymmetric, the default, uses oneDNN's "
+            "int8 linear with 7-bit activation codes (docs/QUANTIZATION.md#int8-on-cpus-without-vnni-avx2)."
+        )
 
 
 def _raise(problems: list[str], unsupported: Exception | None = None) -> None:
