@@ -4,7 +4,7 @@
 
 On CPUs without VNNI (AVX2) the centred int8 layers feed oneDNN 7-bit activation codes
 (llm_lightning.quantization.onednn_int8): 8-bit ones saturate its int16 pair sums there, and
-`torch._int_mm`, which takes them exactly, is a scalar loop about 50x slower than fp32. This prices
+`torch._int_mm`, which takes them exactly, is a scalar loop 40-90x slower than fp32. This prices
 the lost bit. Three models are scored on the validation and the test texts: MODEL_DIR (fp32), the
 folder as this CPU runs it, and the same folder with 8-bit codes, their integer products computed
 in float64 (exact: every sum stays far below 2^53), as a CPU with VNNI or AMX computes them. Each is

@@ -67,50 +67,42 @@ def interleaved_with_probes(
 
 
 def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Operations per second of one n x n x n matrix multiply (median of `repeats`)."""
-    if dtype == torch.int8:
-        a = torch.randint(-128, 127, (n, n), dtype=torch.int8)
-        b = torch.randint(-128, 127, (n, n), dtype=torch.int8)
-        mm = torch._int_mm
-    else:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        mm = torch.mm
-    mm(a, b)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        mm(a, b)
-        times.append(time.perf_counter() - started)
-    return 2 * n**3 / statistics.median(times)
+    """Operations per second of one n x n x n float matrix multiply (`ops_per_second`); int8:
+    `int8_rates`."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return ops_per_second(lambda: torch.mm(a, b), 2 * n**3, repeats)
+
+
+def ops_per_second(run: Callable[[], object], ops: int, repeats: int) -> float:
+    """`ops` over the median time of `repeats` calls of `run` after a warm-up call; a warm-up over
+    a second (`torch._int_mm`'s scalar loop on AVX2: 11 s at 2048^3) is the one reading."""
+    started = time.perf_counter()
+    run()
+    times = [time.perf_counter() - started]
+    if times[0] < 1.0:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - started)
+    return ops / statistics.median(times)
 
 
 def int8_rates(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     """Operations per second of one n x n x n int8 multiply by each int8 kernel this CPU offers:
     `torch._int_mm`, and oneDNN's packed linear fed the activation codes the centred forward uses
     here. On AVX2 `_int_mm` is a scalar loop (2 GOP/s against 250 for oneDNN with 7-bit codes,
-    2026-12-07), so the faster of the two is the CPU's int8 ceiling; a single call over a second
-    is not repeated."""
+    2026-12-07), so the faster of the two is the CPU's int8 ceiling (`ops_per_second`)."""
     gen = torch.Generator().manual_seed(0)
     codes = activation_codes()
     a = torch.randint(codes.low if codes else -128, (codes.high if codes else 127) + 1, (n, n), generator=gen)
+    a = a.to(torch.int8)
     b = torch.randint(-127, 128, (n, n), dtype=torch.int8, generator=gen)
-    kernels = {"torch._int_mm": lambda: torch._int_mm(a.to(torch.int8), b)}
+    kernels = {"torch._int_mm": lambda: torch._int_mm(a, b)}
     if codes is not None and (packed := pack_int8_weight(b.T.contiguous())) is not None:
         coded, scales = encode(a, codes), torch.ones(n)
         kernels[f"oneDNN, {codes.name}"] = lambda: int8_linear_packed(coded, packed, scales, codes.zero_point)
-    rates = {}
-    for name, mm in kernels.items():
-        started = time.perf_counter()
-        mm()
-        times = [time.perf_counter() - started]
-        if times[0] < 1.0:
-            times = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                mm()
-                times.append(time.perf_counter() - started)
-        rates[name] = 2 * n**3 / statistics.median(times)
-    return rates
+    return {name: ops_per_second(mm, 2 * n**3, repeats) for name, mm in kernels.items()}
 
 
 def int8_ceiling(repeats: int = 5) -> float:

@@ -14,7 +14,7 @@ Which activation codes the kernel takes depends on the CPU (`activation_codes`):
 oneDNN multiplies them exactly (AMX), the same 256 levels shifted to unsigned where only that is
 exact and fast, and 7-bit unsigned codes on CPUs without VNNI (AVX2), where the int16 pair sums
 of `vpmaddubsw` saturate at full range. That last one is what FBGEMM's `reduce_range` does on such
-CPUs; `torch._int_mm` there runs a scalar loop about 50x slower than fp32 (docs/QUANTIZATION.md,
+CPUs; `torch._int_mm` there runs a scalar loop 40-90x slower than fp32 (docs/QUANTIZATION.md,
 "int8 on CPUs without VNNI").
 """
 

@@ -319,12 +319,12 @@ def _not_openvino_int8(qcfg: Mapping, key: str, what: str) -> str | None:
 
 def _warn_if_int_mm_is_slow() -> None:
     """Symmetric activations go through torchao's own linear, so `torch._int_mm`, which on CPUs
-    without VNNI (where oneDNN needs 7-bit codes) is a scalar loop: 40-60x slower than fp32 on AVX2
+    without VNNI (where oneDNN needs 7-bit codes) is a scalar loop: 40-90x slower than fp32 on AVX2
     (docs/QUANTIZATION.md, "int8 on CPUs without VNNI")."""
     if onednn_int8.activation_codes() == onednn_int8.UNSIGNED_7:
         log.warning(
             "quantize.activations=symmetric multiplies with torch._int_mm, which on this CPU (no VNNI) "
-            "ran 40-60x slower than fp32; quantize.activations=asymmetric, the default, uses oneDNN's "
+            "ran 40-90x slower than fp32; quantize.activations=asymmetric, the default, uses oneDNN's "
             "int8 linear with 7-bit activation codes (docs/QUANTIZATION.md#int8-on-cpus-without-vnni-avx2)."
         )
 
