@@ -178,9 +178,15 @@ def test_runtime_settings_are_checked_with_the_others():
     with pytest.raises(UserError, match=r"quantize.smooth_quant_candidates=\[0.5, 2\]: give one or more"):
         check_settings(OmegaConf.create(alphas))
     with pytest.raises(
-        UserError, match="smooth_quant_alpha=0.5 is NNCF's SmoothQuant, for quantize=openvino_int8"
+        UserError,
+        match="smooth_quant_alpha=0.5 is SmoothQuant's alpha for quantize=openvino_int8 .* or quantize=onnx_int8",
     ):
-        check_settings(OmegaConf.create({"method": "onnx_int8", "smooth_quant_alpha": 0.5}))
+        check_settings(OmegaConf.create({"method": "openvino_bf16", "smooth_quant_alpha": 0.5}))
+    check_settings(OmegaConf.create({"method": "onnx_int8", "smooth_quant_alpha": 0.5}))
+    with pytest.raises(
+        UserError, match=r"quantize.smooth_quant_alpha=2 must be in \[0, 1\] \(0.5 is the SmoothQuant"
+    ):
+        check_settings(OmegaConf.create({"method": "onnx_int8", "smooth_quant_alpha": 2}))
 
 
 def test_a_runtime_folder_with_an_unknown_precision_is_refused(folders, tmp_path):
@@ -272,3 +278,29 @@ def test_a_batch_cut_over_streams_gives_the_logits_of_one_request(folders, tiny,
             assert "PERFORMANCE_HINT" in (folders[name] / "README.md").read_text()  # the README says how
     finally:
         torch.set_num_threads(threads)
+
+
+def test_onnx_int8_keeps_the_smoothquant_alpha_that_changes_fewest_validation_predictions(tiny, tmp_path):
+    """`quantize=onnx_int8` folds SmoothQuant in before ORT's quantizer; with `auto` each candidate
+    is exported, and the folder keeps the one its runtime.json shows changed fewest predictions."""
+    from omegaconf import OmegaConf
+
+    model, tokenizer = tiny
+    settings = OmegaConf.create({"smooth_quant_alpha": "auto", "smooth_quant_candidates": [0.5, 0.9]})
+    validation = [*TEXTS, "an utter mess", "warm and witty", "I wanted my evening back"]
+    path = export_runtime(
+        model, tokenizer, "onnx_int8", tmp_path / "sq", TEXTS, 64, settings, None, validation
+    )
+    meta = json.loads((path / "runtime.json").read_text())
+    rows = meta["smooth_quant_choice"]["candidates"]
+    assert [r["alpha"] for r in rows] == [0.5, 0.9] and meta["smooth_quant_choice"][
+        "validation_texts"
+    ] == len(validation)
+    best = min(rows, key=lambda r: (r["flips"], r["margin_mae"]))
+    assert meta["smooth_quant_alpha"] == best["alpha"]
+    assert INT8_MARKERS["onnx_int8"] in (path / "model.onnx").read_bytes()
+    got = load_saved(path)[0]
+    enc = tokenizer(TEXTS, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.inference_mode():
+        logits = got(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    assert np.abs(logits.numpy() - _torch_logits(tiny, TEXTS)).max() < TOLERANCE["onnx_int8"]

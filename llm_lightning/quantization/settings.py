@@ -20,6 +20,7 @@ from llm_lightning.errors import UnsupportedError, UserError
 from llm_lightning.quantization import onednn_int8
 from llm_lightning.runtimes import CHOICES as RUNTIME_EXPORTS
 from llm_lightning.runtimes import require as require_runtime
+from llm_lightning.runtimes.build import SMOOTH_QUANT_OFF, SMOOTHED_EXPORTS
 from llm_lightning.runtimes.inputs import INPUTS as GRAPH_INPUTS
 from llm_lightning.runtimes.onnx import MODES as ONNX_MODES
 
@@ -32,7 +33,6 @@ METHODS = ("none", *TORCHAO_METHODS, *FLOAT_METHODS, *RUNTIME_EXPORTS)
 ACTIVATIONS = ("symmetric", "asymmetric")  # int8_dynamic's per-token activation scales
 ATTENTIONS = ("eager", "sdpa")  # quantize.attention: transformers' attention kernels on CPU
 AUTO = "auto"  # quantize.smoothquant_alpha: picked on the validation split (quantization.smoothquant)
-SMOOTH_QUANT_OFF = -1  # openvino_int8's smooth_quant_alpha without SmoothQuant (NNCF: a negative alpha)
 DEFAULT_CANDIDATES = (0.3, 0.4, 0.5, 0.6, 0.7)  # the alphas `auto` tries
 # What a config that leaves a key out gets; conf/quantize/*.yaml spell each one out.
 DEFAULT_GROUP_SIZE = 128  # int4: input features that share one weight scale (torchao's default)
@@ -259,16 +259,20 @@ def nncf_alpha_problems(qcfg: Mapping, data=None) -> list[str]:
     alpha = qcfg.get("smooth_quant_alpha")
     if alpha is None:
         return []
-    if wrong := _not_openvino_int8(qcfg, "smooth_quant_alpha", "NNCF's SmoothQuant"):
-        return [wrong]
+    method = qcfg.get("method")
+    if method not in SMOOTHED_EXPORTS:
+        return [
+            f"quantize.smooth_quant_alpha={alpha} is SmoothQuant's alpha for quantize=openvino_int8 "
+            f"(NNCF's) or quantize=onnx_int8 (folded into the weights); quantize.method is {method!r}: "
+            "leave it out."
+        ]
     if alpha != AUTO:
         number = isinstance(alpha, int | float) and not isinstance(alpha, bool)
         if number and (0.0 <= float(alpha) <= 1.0 or float(alpha) == SMOOTH_QUANT_OFF):
             return []
         return [
-            f"quantize.smooth_quant_alpha={alpha!r} must be in [0, 1] (0.95 is NNCF's for transformers), "
-            f"{SMOOTH_QUANT_OFF} (no SmoothQuant, NNCF's way to turn it off) or {AUTO!r} (picked on the "
-            "validation split)."
+            f"quantize.smooth_quant_alpha={alpha!r} must be in [0, 1] ({SMOOTHED_EXPORTS[method]}), "
+            f"{SMOOTH_QUANT_OFF} (no SmoothQuant) or {AUTO!r} (picked on the validation split)."
         ]
     candidates = list(qcfg.get("smooth_quant_candidates") or DEFAULT_ALPHA_CANDIDATES)
     problems = [candidates_problem(candidates, "smooth_quant_candidates")]

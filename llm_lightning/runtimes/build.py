@@ -12,6 +12,14 @@ from llm_lightning.errors import UserError
 from llm_lightning.runtimes import CHOICES, require
 from llm_lightning.runtimes.inputs import ExportInputs, example_inputs
 
+AUTO = "auto"  # smooth_quant_alpha: the candidate chosen on the validation split
+SMOOTH_QUANT_OFF = -1  # smooth_quant_alpha without SmoothQuant (NNCF: a negative alpha)
+# the exports with a `smooth_quant_alpha`, and the usual alpha of each
+SMOOTHED_EXPORTS = {
+    "openvino_int8": "0.95 is NNCF's for transformers",
+    "onnx_int8": "0.5 is the SmoothQuant paper's",
+}
+
 # what a config that leaves a key out gets (conf/quantize/*.yaml spell each one out): 0.95 is NNCF's
 # own alpha for a transformer's MatMuls, the shipped openvino_int8 config's too
 DEFAULTS = {
@@ -52,14 +60,23 @@ def export_runtime(
     # handling exports as extra graph and some converters do not map it
     if getattr(model.config, "_attn_implementation", None) != "eager":
         model.set_attn_implementation("eager")
+    alpha = qcfg.get("smooth_quant_alpha")
     if runtime == "onnxruntime":
         from llm_lightning.runtimes import onnx
 
         mode = qcfg.get("onnx_mode") or DEFAULTS["onnx_mode"]
-        return onnx.save(model, tokenizer, target, precision, given, max_length, mode, training)
+        smoothing = None  # ONNX Runtime's quantizer alone, as its docs run it
+        if precision == "int8" and alpha is not None and alpha != SMOOTH_QUANT_OFF:
+            smoothing = onnx.Smoothing(alpha)
+            if alpha == AUTO:
+                if problem := nncf_validation_problem(len(val_texts)):
+                    raise UserError(problem)
+                candidates = tuple(qcfg.get("smooth_quant_candidates") or DEFAULT_ALPHA_CANDIDATES)
+                rows = tokenizer(list(val_texts), truncation=True, max_length=max_length)["input_ids"]
+                smoothing = onnx.Smoothing(alpha, candidates, tuple(rows))
+        return onnx.save(model, tokenizer, target, precision, given, max_length, mode, training, smoothing)
     from llm_lightning.runtimes import openvino
 
-    alpha = qcfg.get("smooth_quant_alpha")
     alpha = DEFAULTS["smooth_quant_alpha"] if alpha is None else alpha
     max_changed = qcfg.get("max_changed_predictions")
     choices = openvino.NncfChoices(alpha)
@@ -78,7 +95,7 @@ def nncf_validation_problem(texts: int, key: str = "smooth_quant_alpha", value=N
     """openvino_int8's `smooth_quant_alpha: auto`, or its `max_changed_predictions`, without
     validation texts to judge on."""
     if key == "smooth_quant_alpha":
-        return validation_problem(texts, key, "NNCF's SmoothQuant alpha", "0.95 is NNCF's")
+        return validation_problem(texts, key, "SmoothQuant's alpha", "0.95 is NNCF's, 0.5 the paper's")
     if texts >= 1:
         return None
     return (
