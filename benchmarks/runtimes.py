@@ -31,7 +31,14 @@ from omegaconf import OmegaConf
 
 from llm_lightning.data import load_task
 from llm_lightning.data.provenance import check_split, read_provenance
-from llm_lightning.measure.bench import BenchSettings, cpu_name, measure, size_on_disk_mb, turn_batches
+from llm_lightning.measure.bench import (
+    SETTLE_S,
+    BenchSettings,
+    cpu_name,
+    measure,
+    size_on_disk_mb,
+    turn_batches,
+)
 from llm_lightning.models.saved import load_saved
 from llm_lightning.quantization.fused_projections import fuse_projections
 from llm_lightning.runtime import conf_dir
@@ -178,6 +185,7 @@ def throughput_hint(models: dict, texts: list[str], rounds: int, max_length: int
         for round_ in range(rounds + 1):  # round 0 warms every shape up
             for name, (model, queue, _, latency) in queues.items():
                 for way in WAYS:
+                    time.sleep(SETTLE_S)  # the previous pass's spinning threads settle (bench.SETTLE_S)
                     started = time.perf_counter()
                     for ids, mask in batches:
                         if way == "latency":

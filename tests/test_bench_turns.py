@@ -103,3 +103,16 @@ def test_exported_model_loads_without_kv_cache(tiny, tmp_path):
         model.config.use_cache = False
     loaded, _ = load_exported(tmp_path)
     assert loaded.config.use_cache is False
+
+
+def test_each_turn_starts_after_a_pause_for_the_previous_models_threads(tiny, monkeypatch):
+    """The previous runtime's spinning threads must settle before the next model's clock starts:
+    every timed call is preceded by an untimed SETTLE_S pause, never counted in the rate."""
+    from llm_lightning.measure import bench
+
+    model, tokenizer = tiny
+    events: list[str] = []
+    monkeypatch.setattr(bench.time, "sleep", lambda s: events.append(f"sleep {s}"))
+    models = {"a": Recorder(model, "a", events), "b": Recorder(model, "b", events)}
+    rates_in_turns(models, tokenizer, TEXTS, batch_size=8, rounds=1)
+    assert events == [f"sleep {bench.SETTLE_S}", "a", f"sleep {bench.SETTLE_S}", "b"] * 3

@@ -37,6 +37,12 @@ from llm_lightning.data.batching import pad, run_by_length
 from llm_lightning.errors import UserError
 from llm_lightning.measure.padding_free import PaddingFree, padding_free
 
+# An untimed pause before each model's turn. Runtimes keep their worker threads spinning for a
+# while after a call (ONNX Runtime's allow_spinning, on by default; OpenMP's and TBB's spin-waits),
+# which on 2 cores takes CPU from the next model timed: two ONNX Runtime sessions in turns ran
+# 20-50% slower than each alone until a 50 ms pause came between them (docs/BENCHMARKS.md,
+# "Runtimes", 2026-12-07 EPYC-512).
+SETTLE_S = 0.05
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".gguf", ".onnx")  # .bin: OpenVINO's weights too
 
 
@@ -223,7 +229,11 @@ def turns(
     with torch.inference_mode():
         for round_ in range(rounds):
             for batch in batches:
-                yield round_, {name: timed_pass(model, [batch]) for name, model in models.items()}
+                seconds = {}
+                for name, model in models.items():
+                    time.sleep(SETTLE_S)  # the previous model's spinning threads go to sleep first
+                    seconds[name] = timed_pass(model, [batch])
+                yield round_, seconds
 
 
 def round_rates(
