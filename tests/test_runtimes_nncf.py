@@ -196,8 +196,9 @@ def test_a_fixed_nncf_alpha_is_recorded_and_auto_needs_validation_texts(tiny, tm
     meta = json.loads((folder / "runtime.json").read_text())
     assert meta["smooth_quant_alpha"] == 0.5 and "smooth_quant_choice" not in meta
     auto = OmegaConf.create({"smooth_quant_alpha": "auto", "calibration_texts": 8})
-    with pytest.raises(
-        UserError, match="smooth_quant_alpha=auto picks NNCF's SmoothQuant alpha on the validation"
-    ):
-        export_runtime(model, tokenizer, "openvino_int8", tmp_path / "none", TEXTS, 64, auto, val_texts=[])
-    assert not (tmp_path / "none").exists()  # refused before anything was written
+    for choice in ("openvino_int8", "onnx_int8"):  # onnx_int8 folds SmoothQuant in, chosen the same way
+        with pytest.raises(
+            UserError, match="smooth_quant_alpha=auto picks SmoothQuant's alpha on the validation"
+        ):
+            export_runtime(model, tokenizer, choice, tmp_path / "none", TEXTS, 64, auto, val_texts=[])
+        assert not (tmp_path / "none").exists()  # refused before anything was written
