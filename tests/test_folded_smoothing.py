@@ -81,9 +81,17 @@ def test_smoothing_narrows_the_outlier_channels(model):
     """At alpha 0.5 the widest input channel of the q/k/v projections comes closer to the median one."""
 
     def spread(m):
-        ranges = input_ranges(m, ROWS)
-        q = decoder_layers(m)[0].self_attn.q_proj
-        return (ranges[q].max() / ranges[q].median()).item()
+        q = input_ranges(m, ROWS)[0, "self_attn.q_proj"]
+        return (q.max() / q.median()).item()
 
     before = spread(model)
     assert spread(fold_smoothquant(model, ROWS, 0.5)) < before / 3
+
+
+def test_ranges_measured_once_fold_a_copy_as_measuring_again_does(model):
+    """`auto` measures the calibration ranges once and folds each candidate's copy with them."""
+    ranges = input_ranges(model, ROWS)
+    once = fold_smoothquant(copy.deepcopy(model), ROWS, 0.6, ranges)
+    again = fold_smoothquant(copy.deepcopy(model), ROWS, 0.6)
+    for a, b in zip(once.parameters(), again.parameters(), strict=True):
+        torch.testing.assert_close(a, b)

@@ -33,19 +33,26 @@ def smoothing_scale(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: f
     return torch.where(empty, torch.ones_like(scale), scale)
 
 
-def input_ranges(model: nn.Module, rows: list[list[int]]) -> dict[nn.Module, torch.Tensor]:
-    """max|x_j| of the input of every decoder layer's q_proj, gate_proj and down_proj, over the
-    tokens of `rows` (token ids, one text a forward: no padding token counts)."""
-    ranges: dict[nn.Module, torch.Tensor] = {}
+READERS = ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")  # one per smoothed input
 
-    def record(module, args):
-        seen = args[0].detach().abs().flatten(0, -2).amax(dim=0).float()
-        ranges[module] = torch.maximum(ranges[module], seen) if module in ranges else seen
+
+def input_ranges(model: nn.Module, rows: list[list[int]]) -> dict[tuple[int, str], torch.Tensor]:
+    """max|x_j| of the input of every decoder layer's q_proj, gate_proj and down_proj, over the
+    tokens of `rows` (token ids, one text a forward: no padding token counts), keyed by (layer
+    index, name): the same for every alpha, and for a copy of `model`."""
+    ranges: dict[tuple[int, str], torch.Tensor] = {}
+
+    def recorder(key):
+        def record(module, args):
+            seen = args[0].detach().abs().flatten(0, -2).amax(dim=0).float()
+            ranges[key] = torch.maximum(ranges[key], seen) if key in ranges else seen
+
+        return record
 
     hooks = [
-        linear.register_forward_pre_hook(record)
-        for layer in decoder_layers(model)
-        for linear in (layer.self_attn.q_proj, layer.mlp.gate_proj, layer.mlp.down_proj)
+        layer.get_submodule(name).register_forward_pre_hook(recorder((i, name)))
+        for i, layer in enumerate(decoder_layers(model))
+        for name in READERS
     ]
     try:
         device = next(model.parameters()).device
@@ -70,15 +77,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 @torch.no_grad()
-def fold_smoothquant(model: nn.Module, rows: list[list[int]], alpha: float) -> nn.Module:
-    """`model` with SmoothQuant's scales for `alpha` folded into its weights, in place."""
-    ranges = input_ranges(model, rows)
-    for layer in decoder_layers(model):
+def fold_smoothquant(
+    model: nn.Module, rows: list[list[int]], alpha: float, ranges: dict | None = None
+) -> nn.Module:
+    """`model` with SmoothQuant's scales for `alpha` folded into its weights, in place; `ranges`:
+    `input_ranges` of the unfolded model on `rows`, when already measured."""
+    ranges = input_ranges(model, rows) if ranges is None else ranges
+    for i, layer in enumerate(decoder_layers(model)):
         attn, mlp = layer.self_attn, layer.mlp
         qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-        _fold(layer.input_layernorm, qkv, ranges[attn.q_proj], alpha)
-        _fold(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], ranges[mlp.gate_proj], alpha)
-        _fold(mlp.up_proj, [mlp.down_proj], ranges[mlp.down_proj], alpha)
+        _fold(layer.input_layernorm, qkv, ranges[i, READERS[0]], alpha)
+        _fold(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], ranges[i, READERS[1]], alpha)
+        _fold(mlp.up_proj, [mlp.down_proj], ranges[i, READERS[2]], alpha)
     return model
 
 

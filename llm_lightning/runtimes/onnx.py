@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from llm_lightning.runtimes.folded_smoothing import fold_smoothquant
+from llm_lightning.runtimes.folded_smoothing import fold_smoothquant, input_ranges
 from llm_lightning.runtimes.folder import RuntimeClassifier, tokenizer_of, write_folder
 from llm_lightning.runtimes.inputs import NAMES, ExportInputs, dynamic_shapes, graph, one_text
 
@@ -101,10 +101,13 @@ def quantize(src: Path, dst: Path, mode: str, calibration: _Calibration) -> None
     )
 
 
-def int8_graph(model: nn.Module, given: ExportInputs, mode: str, pad_id: int, alpha, file: Path) -> None:
-    """ORT's int8 graph of `model` in `file`, SmoothQuant folded in first for an `alpha` (not None)."""
+def int8_graph(
+    model: nn.Module, given: ExportInputs, mode: str, pad_id: int, alpha, file: Path, ranges=None
+) -> None:
+    """ORT's int8 graph of `model` in `file`, SmoothQuant folded in first for an `alpha` (not None),
+    with the calibration texts' activation `ranges` if already measured."""
     if alpha is not None:
-        model = fold_smoothquant(copy.deepcopy(model), given.calibration, float(alpha))
+        model = fold_smoothquant(copy.deepcopy(model), given.calibration, float(alpha), ranges)
     with tempfile.TemporaryDirectory() as scratch:
         export(model, given.example, Path(scratch) / "fp32.onnx", given.inputs)
         quantize(
@@ -124,10 +127,11 @@ def choose_alpha(
     log.info("quantize.smooth_quant_alpha=auto: the fp32 model's logits on %d validation texts", len(rows))
     reference, results = logits(model, rows, pad_id), []
     meta = {"inputs": given.inputs, "pad_token_id": pad_id}
+    ranges = input_ranges(model, given.calibration)  # measured once: they do not depend on alpha
     with tempfile.TemporaryDirectory() as scratch:
         for i, alpha in enumerate(smoothing.candidates, 1):
             path = Path(scratch) / f"int8-{i}.onnx"
-            int8_graph(model, given, mode, pad_id, alpha, path)
+            int8_graph(model, given, mode, pad_id, alpha, path, ranges)
             scored = RuntimeClassifier(None, meta, _runner(path), 0, model.config)
             results.append({"alpha": float(alpha), **agreement(logits(scored, rows, pad_id), reference)})
             log.info(
