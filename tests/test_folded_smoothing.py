@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from llm_lightning.runtimes.folded_smoothing import decoder_layers, fold_smoothquant, input_ranges
+from tests.test_llama3_shapes import ROPE
 
 ROWS = [[5, 9, 3, 17, 2], [8, 1, 44, 6], [12, 30, 7, 7, 9, 21, 4]]
 
@@ -25,14 +26,7 @@ def llama3_shaped() -> LlamaForSequenceClassification:
         num_attention_heads=8,
         num_key_value_heads=2,
         head_dim=16,
-        rope_scaling={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        },
+        rope_scaling=ROPE,
         num_labels=2,
     )
     torch.manual_seed(0)
@@ -95,3 +89,7 @@ def test_ranges_measured_once_fold_a_copy_as_measuring_again_does(model):
     again = fold_smoothquant(copy.deepcopy(model), ROWS, 0.6)
     for a, b in zip(once.parameters(), again.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+    # and the ranges given are the ones folded with: other ranges, other weights
+    wider = fold_smoothquant(copy.deepcopy(model), ROWS, 0.6, {k: 4 * v for k, v in ranges.items()})
+    norm = decoder_layers(wider)[0].input_layernorm.weight
+    assert not torch.allclose(norm, decoder_layers(once)[0].input_layernorm.weight)

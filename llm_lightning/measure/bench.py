@@ -40,7 +40,7 @@ from llm_lightning.measure.padding_free import PaddingFree, padding_free
 # An untimed pause before each model's turn. Runtimes keep their worker threads spinning for a
 # while after a call (ONNX Runtime's allow_spinning, on by default; OpenMP's and TBB's spin-waits),
 # which on 2 cores takes CPU from the next model timed: two ONNX Runtime sessions in turns ran
-# 20-50% slower than each alone until a 50 ms pause came between them (docs/BENCHMARKS.md,
+# 20-80% slower than each alone until a 50 ms pause came between them (docs/BENCHMARKS.md,
 # "Runtimes", 2026-12-07 EPYC-512).
 SETTLE_S = 0.05
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".gguf", ".onnx")  # .bin: OpenVINO's weights too

@@ -249,12 +249,13 @@ def runtime_problems(qcfg: Mapping, data=None) -> list[str]:
         problems.append(
             "quantize: int8 calibrates on training texts, and the task's training split is empty."
         )
-    return problems + nncf_alpha_problems(qcfg, data) + nncf_control_problems(qcfg, data)
+    return problems + smooth_quant_alpha_problems(qcfg, data) + nncf_control_problems(qcfg, data)
 
 
-def nncf_alpha_problems(qcfg: Mapping, data=None) -> list[str]:
-    """openvino_int8's `smooth_quant_alpha` (a number in [0, 1] or `auto`) and `auto`'s candidates."""
-    from llm_lightning.runtimes.build import DEFAULT_ALPHA_CANDIDATES, nncf_validation_problem
+def smooth_quant_alpha_problems(qcfg: Mapping, data=None) -> list[str]:
+    """openvino_int8's and onnx_int8's `smooth_quant_alpha` (a number in [0, 1], -1 or `auto`) and
+    `auto`'s candidates."""
+    from llm_lightning.runtimes.build import DEFAULT_ALPHA_CANDIDATES, validation_texts_problem
 
     alpha = qcfg.get("smooth_quant_alpha")
     if alpha is None:
@@ -277,14 +278,14 @@ def nncf_alpha_problems(qcfg: Mapping, data=None) -> list[str]:
     candidates = list(qcfg.get("smooth_quant_candidates") or DEFAULT_ALPHA_CANDIDATES)
     problems = [candidates_problem(candidates, "smooth_quant_candidates")]
     if data is not None:
-        problems.append(nncf_validation_problem(len(data.val)))
+        problems.append(validation_texts_problem(len(data.val)))
     return [p for p in problems if p]
 
 
 def nncf_control_problems(qcfg: Mapping, data=None) -> list[str]:
     """openvino_int8's `max_changed_predictions`: null, or a share in (0, 1) of the validation
     predictions NNCF's accuracy control may change."""
-    from llm_lightning.runtimes.build import nncf_validation_problem
+    from llm_lightning.runtimes.build import validation_texts_problem
 
     bound = qcfg.get("max_changed_predictions")
     if bound is None:
@@ -305,7 +306,9 @@ def nncf_control_problems(qcfg: Mapping, data=None) -> list[str]:
             "ranks each group of quantizers on (300, its default; fewer is quicker and coarser)."
         )
     problem = (
-        nncf_validation_problem(len(data.val), "max_changed_predictions", bound) if data is not None else None
+        validation_texts_problem(len(data.val), "max_changed_predictions", bound)
+        if data is not None
+        else None
     )
     return problems + ([problem] if problem else [])
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from llm_lightning.data.agreement import agreement, logits
+from llm_lightning.data.agreement import agreement, closeness, logits
 from llm_lightning.errors import UserError
 from llm_lightning.quantization.settings import DEFAULT_CANDIDATES, candidates_problem, validation_problem
 
@@ -52,7 +52,7 @@ def choose_alpha(
         got = logits(quantize(copy.deepcopy(model), float(alpha)), rows, pad_id)
         results.append({"alpha": float(alpha), **agreement(got, reference)})
         log.info("SmoothQuant alpha %.2f (%d of %d): %s", alpha, i, len(candidates), results[-1])
-    best = min(results, key=lambda r: (r["flips"], r["margin_mae"]))
+    best = min(results, key=closeness)
     log.info(
         "quantize.smoothquant_alpha=auto chose %.2f on %d validation texts (%d predictions changed)",
         best["alpha"],

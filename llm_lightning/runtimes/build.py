@@ -12,7 +12,6 @@ from llm_lightning.errors import UserError
 from llm_lightning.runtimes import CHOICES, require
 from llm_lightning.runtimes.inputs import ExportInputs, example_inputs
 
-AUTO = "auto"  # smooth_quant_alpha: the candidate chosen on the validation split
 SMOOTH_QUANT_OFF = -1  # smooth_quant_alpha without SmoothQuant (NNCF: a negative alpha)
 # the exports with a `smooth_quant_alpha`, and the usual alpha of each
 SMOOTHED_EXPORTS = {
@@ -68,8 +67,8 @@ def export_runtime(
         smoothing = None  # ONNX Runtime's quantizer alone, as its docs run it
         if precision == "int8" and alpha is not None and alpha != SMOOTH_QUANT_OFF:
             smoothing = onnx.Smoothing(alpha)
-            if alpha == AUTO:
-                if problem := nncf_validation_problem(len(val_texts)):
+            if alpha == onnx.AUTO:
+                if problem := validation_texts_problem(len(val_texts)):
                     raise UserError(problem)
                 candidates = tuple(qcfg.get("smooth_quant_candidates") or DEFAULT_ALPHA_CANDIDATES)
                 rows = tokenizer(list(val_texts), truncation=True, max_length=max_length)["input_ids"]
@@ -82,7 +81,7 @@ def export_runtime(
     choices = openvino.NncfChoices(alpha)
     if precision == "int8" and (alpha == openvino.AUTO or max_changed is not None):
         key = "smooth_quant_alpha" if alpha == openvino.AUTO else "max_changed_predictions"
-        if problem := nncf_validation_problem(len(val_texts), key, max_changed):
+        if problem := validation_texts_problem(len(val_texts), key, max_changed):
             raise UserError(problem)
         rows = tokenizer(list(val_texts), truncation=True, max_length=max_length)["input_ids"]
         candidates = tuple(qcfg.get("smooth_quant_candidates") or DEFAULT_ALPHA_CANDIDATES)
@@ -91,9 +90,9 @@ def export_runtime(
     return openvino.save(model, tokenizer, target, precision, given, max_length, choices, training)
 
 
-def nncf_validation_problem(texts: int, key: str = "smooth_quant_alpha", value=None) -> str | None:
-    """openvino_int8's `smooth_quant_alpha: auto`, or its `max_changed_predictions`, without
-    validation texts to judge on."""
+def validation_texts_problem(texts: int, key: str = "smooth_quant_alpha", value=None) -> str | None:
+    """`smooth_quant_alpha: auto` (openvino_int8, onnx_int8), or openvino_int8's
+    `max_changed_predictions`, without validation texts to judge on."""
     if key == "smooth_quant_alpha":
         return validation_problem(texts, key, "SmoothQuant's alpha", "0.95 is NNCF's, 0.5 the paper's")
     if texts >= 1:

@@ -98,7 +98,7 @@ def choose_alpha(
     llm_lightning.quantization.smoothquant judges."""
     import openvino as ov
 
-    from llm_lightning.data.agreement import agreement, logits
+    from llm_lightning.data.agreement import agreement, closeness, logits
 
     log.info("quantize.smooth_quant_alpha=auto: NNCF with each of %s", list(alphas.candidates))
     core, config, best, results = ov.Core(), {"INFERENCE_NUM_THREADS": torch.get_num_threads()}, None, []
@@ -110,7 +110,7 @@ def choose_alpha(
         )
         results.append({"alpha": float(alpha), **agreement(logits(scored, alphas.rows, pad_id), reference)})
         log.info("NNCF SmoothQuant alpha %.2f (%d of %d): %s", alpha, i, len(alphas.candidates), results[-1])
-        if best is None or _key(results[-1]) < _key(best[0]):
+        if best is None or closeness(results[-1]) < closeness(best[0]):
             best = (results[-1], int8)
     chosen, int8 = best
     log.info(
@@ -173,10 +173,6 @@ def _write(ov_model, file: Path) -> None:
     import openvino as ov
 
     ov.save_model(ov_model, str(file), compress_to_fp16=False)  # float weights stay fp32
-
-
-def _key(result: dict) -> tuple[int, float]:
-    return result["flips"], result["margin_mae"]
 
 
 def save(
