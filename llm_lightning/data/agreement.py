@@ -1,6 +1,6 @@
 """How far a classifier's predictions on some texts are from a reference model's on the same texts:
-what picks a SmoothQuant alpha on the validation split, for torchao (llm_lightning.quantization.smoothquant)
-and for NNCF (llm_lightning.runtimes.openvino) alike."""
+what picks a SmoothQuant alpha on the validation split, for torchao (llm_lightning.quantization.smoothquant),
+NNCF (llm_lightning.runtimes.openvino) and ONNX Runtime (llm_lightning.runtimes.onnx) alike."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ import torch
 from torch import nn
 
 from llm_lightning.data.batching import run_by_length
+
+# A setting whose value is chosen on the validation split by the rule below (`closeness`):
+# quantize.smoothquant_alpha (torchao) and quantize.smooth_quant_alpha (NNCF, ONNX Runtime).
+AUTO = "auto"
 
 
 def logits(model: nn.Module, rows: list[list[int]], pad_id: int, batch_size: int = 32) -> torch.Tensor:

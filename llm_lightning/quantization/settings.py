@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from llm_lightning.data.agreement import AUTO
 from llm_lightning.data.agreement import validation_problem as no_validation_texts
 from llm_lightning.errors import UnsupportedError, UserError
 from llm_lightning.quantization import onednn_int8
@@ -32,7 +33,6 @@ FLOAT_METHODS = ("bf16",)
 METHODS = ("none", *TORCHAO_METHODS, *FLOAT_METHODS, *RUNTIME_EXPORTS)
 ACTIVATIONS = ("symmetric", "asymmetric")  # int8_dynamic's per-token activation scales
 ATTENTIONS = ("eager", "sdpa")  # quantize.attention: transformers' attention kernels on CPU
-AUTO = "auto"  # quantize.smoothquant_alpha: picked on the validation split (quantization.smoothquant)
 DEFAULT_CANDIDATES = (0.3, 0.4, 0.5, 0.6, 0.7)  # the alphas `auto` tries
 # What a config that leaves a key out gets; conf/quantize/*.yaml spell each one out.
 DEFAULT_GROUP_SIZE = 128  # int4: input features that share one weight scale (torchao's default)

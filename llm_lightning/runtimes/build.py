@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from llm_lightning.data.agreement import validation_problem
+from llm_lightning.data.agreement import AUTO, validation_problem
 from llm_lightning.errors import UserError
 from llm_lightning.runtimes import CHOICES, require
 from llm_lightning.runtimes.inputs import ExportInputs, example_inputs
@@ -67,7 +67,7 @@ def export_runtime(
         smoothing = None  # ONNX Runtime's quantizer alone, as its docs run it
         if precision == "int8" and alpha is not None and alpha != SMOOTH_QUANT_OFF:
             smoothing = onnx.Smoothing(alpha)
-            if alpha == onnx.AUTO:
+            if alpha == AUTO:
                 if problem := validation_texts_problem(len(val_texts)):
                     raise UserError(problem)
                 candidates = tuple(qcfg.get("smooth_quant_candidates") or DEFAULT_ALPHA_CANDIDATES)
@@ -79,8 +79,8 @@ def export_runtime(
     alpha = DEFAULTS["smooth_quant_alpha"] if alpha is None else alpha
     max_changed = qcfg.get("max_changed_predictions")
     choices = openvino.NncfChoices(alpha)
-    if precision == "int8" and (alpha == openvino.AUTO or max_changed is not None):
-        key = "smooth_quant_alpha" if alpha == openvino.AUTO else "max_changed_predictions"
+    if precision == "int8" and (alpha == AUTO or max_changed is not None):
+        key = "smooth_quant_alpha" if alpha == AUTO else "max_changed_predictions"
         if problem := validation_texts_problem(len(val_texts), key, max_changed):
             raise UserError(problem)
         rows = tokenizer(list(val_texts), truncation=True, max_length=max_length)["input_ids"]

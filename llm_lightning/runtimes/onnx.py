@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from llm_lightning.data.agreement import AUTO
 from llm_lightning.runtimes.folded_smoothing import fold_smoothquant, input_ranges
 from llm_lightning.runtimes.folder import RuntimeClassifier, tokenizer_of, write_folder
 from llm_lightning.runtimes.inputs import NAMES, ExportInputs, dynamic_shapes, graph, one_text
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 MODES = ("dynamic", "static")
-AUTO = "auto"
 
 
 @dataclass(frozen=True)

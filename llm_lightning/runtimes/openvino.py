@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from llm_lightning.data.agreement import AUTO
 from llm_lightning.runtimes.accuracy_control import ACCURACY_CONTROL_HINT, accuracy_controlled
 from llm_lightning.runtimes.folder import RuntimeClassifier, tokenizer_of, write_folder
 from llm_lightning.runtimes.inputs import ExportInputs, graph, one_text, split_rows
@@ -27,7 +28,6 @@ from llm_lightning.runtimes.inputs import ExportInputs, graph, one_text, split_r
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.xml"
-AUTO = "auto"  # quantize.smooth_quant_alpha: the candidate chosen on the validation split
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": None}  # None: OpenVINO's default for the CPU
 TIP = """
 For many texts, OpenVINO's throughput setting is faster: compile with
