@@ -179,6 +179,46 @@ def test_report_compares_every_stage_with_the_first_text_by_text(tmp_path):
     assert events.Scalars("report/vs_first_mcnemar_p")[0].value == pytest.approx(0.21875)
 
 
+def test_report_names_the_final_models_fastest_form_and_its_quicker_form_one_text_at_a_time(tmp_path):
+    # batch 16 and batch 1 disagree on purpose: the graph runtime wins throughput, torch int8 latency
+    rows = [
+        row("fp32", 400.0) | {"latency_p50_ms": 90.0},
+        row("student", 1200.0, "fp32") | {"latency_p50_ms": 30.0},
+        row("int8", 4000.0, "student", acc=0.79) | {"latency_p50_ms": 12.0},
+        row("onnx_int8", 5200.0, "student", acc=0.81) | {"latency_p50_ms": 15.0},
+    ]
+    report = write_report(rows, tmp_path, final=["student", "int8", "onnx_int8"])
+    ratios = {r["stage"]: r["latency_speedup_vs_first"] for r in report["stages"]}
+    assert ratios == pytest.approx({"fp32": 1.0, "student": 3.0, "int8": 7.5, "onnx_int8": 6.0})
+    fastest = report["fastest_final"]
+    assert (fastest["stage"], fastest["speedup_vs_first"]) == ("onnx_int8", pytest.approx(13.0))
+    assert fastest["latency_speedup_vs_first"] == pytest.approx(6.0)
+    assert fastest["quickest_b1"] == {
+        "stage": "int8",
+        "acc": 0.79,
+        "latency_p50_ms": 12.0,
+        "latency_speedup_vs_first": pytest.approx(7.5),
+    }
+    text = (tmp_path / "report.md").read_text()
+    assert "**onnx_int8**, 5,200 tokens/s at batch 16 (13.00x the first stage)" in text
+    assert "batch-1 p50 15.0 ms (6.00x quicker than the first stage)" in text
+    assert "One text at a time, **int8** is quicker, batch-1 p50 12.0 ms (7.50x quicker" in text
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    column = [c.strip() for c in table[0].strip("|").split("|")].index("p50 b1 vs first")
+    assert [line.strip("|").split("|")[column].strip() for line in table[2:]] == [
+        "1.00x",
+        "3.00x",
+        "7.50x",
+        "6.00x",
+    ]
+    # the fastest is also the quickest: nothing more to say
+    rows[2]["latency_p50_ms"] = 20.0
+    assert (
+        "quickest_b1"
+        not in write_report(rows, tmp_path / "same", final=["student", "int8", "onnx_int8"])["fastest_final"]
+    )
+
+
 def test_stages_measured_on_different_texts_cannot_be_paired(tmp_path):
     rows = [
         row("fp32", 400.0) | {"predictions": [0, 1], "labels": [0, 1]},
