@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 import llm_lightning.train
 from llm_lightning.artifacts import safe_load
 from llm_lightning.chain.compose import load_chain, merged_overrides
-from llm_lightning.compress import compress, train_stages
+from llm_lightning.compress import compress, prepare, train_stages
 from llm_lightning.errors import UserError
 from tests.conftest import run_module
 
@@ -196,11 +196,26 @@ def test_the_default_gradual_recipe_runs_its_stages_in_order(tmp_path):
     ]
 
 
+def test_the_twice_recipe_is_the_default_chain_plus_one_stage_and_reuses_its_stages(tmp_path):
+    """recipe=gradual_11_layers_twice exists to choose one or two distillations at 11 layers on
+    validation: it must write where the default writes, with the same fingerprints, so a chain that
+    ran the default trains only layers11_more."""
+    once = prepare(load_chain([]))
+    twice = prepare(load_chain(["recipe=gradual_11_layers_twice"]))
+    assert twice.out == once.out
+    assert twice.stages == [*once.stages, "layers11_more"]
+    assert {s: twice.fingerprints[s].value for s in once.stages} == {
+        s: once.fingerprints[s].value for s in once.stages
+    }
+    assert twice.inputs["layers11_more"] == ["teacher", "layers11"]
+    assert twice.quantized.inputs == {"layers11_more": twice.fingerprints["layers11_more"].value}
+
+
 def test_an_unknown_recipe_lists_the_shipped_ones():
     with pytest.raises(UserError) as refused:
         load_chain(["recipe=gradual"])
     assert re.search(
-        r"Could not find 'recipe/gradual'\s+Available options in 'recipe':\s+gradual_11_layers\s+quick_15_layers$",
+        r"Could not find 'recipe/gradual'\s+Available options in 'recipe':\s+gradual_11_layers\s+gradual_11_layers_twice\s+quick_15_layers$",
         str(refused.value),
     ), str(refused.value)  # and not Hydra's config search path
 
