@@ -359,3 +359,27 @@ def test_the_packed_openvino_graph_takes_llama3_shapes(full_run, tmp_path):
     with torch.no_grad():
         same = (controlled(**val).logits.argmax(-1) == model(**val).logits.argmax(-1)).float().mean()
     assert record["met"] and record["validation_texts"] == 16 and float(same) == record["kept"] == 1.0
+
+
+def test_the_onnx_graph_takes_llama3_shapes_with_its_norms_fused(full_run, tmp_path):
+    """The packed ONNX export on GQA, an explicit head_dim and llama3 rope scaling: torch's logits,
+    and every RMSNorm in the form ONNX Runtime fuses into one kernel."""
+    import onnx
+    import onnxruntime as ort
+
+    from llm_lightning.runtimes.build import export_runtime
+
+    out, _ = full_run
+    model, tokenizer, _ = load_saved(out / "model")
+    texts = [f"{t} number {i}" for i in range(4) for t in TEXTS]
+    folder = export_runtime(model, tokenizer, "onnx", tmp_path / "fp32", texts, 64)
+    exported, tokenizer, _ = load_saved(folder)
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**enc).logits, model.eval()(**enc).logits, atol=1e-4, rtol=1e-3)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    fused = ops.count("SimplifiedLayerNormalization") + ops.count("SkipSimplifiedLayerNormalization")
+    assert fused == 2 * model.config.num_hidden_layers + 1 and "Pow" not in ops
