@@ -28,7 +28,9 @@ Every stage is composed and checked before the first one trains, so a typo in th
 at once. Each stage records what it was made from in `<stage>/stage.json` (llm_lightning.chain.record):
 a rerun reuses a stage whose settings and inputs are unchanged, resumes an interrupted one from its
 last.ckpt when its settings are the same, and retrains a changed one and every stage that reads
-from it; it measures every stage again. Unknown keys are errors.
+from it; it measures every stage again. Unknown keys are errors. `reuse.teacher=<run folder>` takes
+a finished `train` run (`make train`'s) in as the teacher stage when its settings are the stage's
+(llm_lightning.chain.adopt), instead of training it again.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from llm_lightning.chain.adopt import check_reused, check_same_settings, take_in
 from llm_lightning.chain.checks import chain_keys, check_keys, check_quantize, check_stage
 from llm_lightning.chain.compose import (
     FIRST_STAGE,
@@ -86,6 +89,7 @@ class Chain:
     quantized: Fingerprint
     deploy: dict[str, DictConfig]  # `deploy`: quantize choice -> its shipped settings (chain.deploy)
     deployed: dict[str, Fingerprint]
+    reused: dict[str, Path]  # `reuse`: stage -> a finished train run with its settings (chain.adopt)
 
 
 def prepare(chain: DictConfig) -> Chain:
@@ -108,13 +112,16 @@ def prepare(chain: DictConfig) -> Chain:
         fingerprints[s] = Fingerprint(
             settings_of(configs[s], out), {n: fingerprints[n].value for n in inputs[s]}
         )
+    reused = check_reused(chain.get("reuse"), stages, inputs)
+    for stage, run in reused.items():
+        check_same_settings(run, stage, out / stage, fingerprints[stage], out)
     last = stages[-1]
     made_from = {last: fingerprints[last].value}
     quantized = Fingerprint(settings_of(quantize, out, QUANTIZE_UNFINGERPRINTED), made_from)
     deployed = {
         c: Fingerprint(settings_of(q, out, QUANTIZE_UNFINGERPRINTED), made_from) for c, q in deploy.items()
     }
-    return Chain(out, stages, configs, inputs, fingerprints, quantize, quantized, deploy, deployed)
+    return Chain(out, stages, configs, inputs, fingerprints, quantize, quantized, deploy, deployed, reused)
 
 
 def plan(prepared: Chain) -> dict[str, Decision]:
@@ -134,6 +141,9 @@ def plan(prepared: Chain) -> dict[str, Decision]:
     for stage in stages:
         d = decisions[stage]
         line = f"[compress] {stage}: {d.reason}"
+        if stage in prepared.reused and d.action != REUSE:
+            print(f"[compress] {stage}: taken in from {prepared.reused[stage]} (reuse.{stage})", flush=True)
+            continue
         if d.action == REUSE:
             line += f"; reused ({out / stage / 'model'})"
         if d.changed:
@@ -166,6 +176,12 @@ def train_stages(chain: DictConfig) -> Chain:
     out = prepared.out
     for stage, decision in plan(prepared).items():
         if decision.action == REUSE:
+            continue
+        if stage in prepared.reused:  # its settings were checked in prepare, before anything ran
+            set_aside(out / stage)
+            take_in(prepared.reused[stage], out / stage)
+            write_record(out / stage, DONE, prepared.fingerprints[stage])
+            discard_aside(out / stage)
             continue
         cfg = prepared.configs[stage]
         with open_dict(cfg):  # compress owns the resume: only its own last.ckpt, only when it matches
