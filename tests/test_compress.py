@@ -45,6 +45,8 @@ def test_chain_exports_every_stage_reports_them_and_resumes(chain, monkeypatch):
         ("distilled", "pruned", False),
         ("quantized (int8_dynamic)", "distilled", True),
     ]
+    # each training stage carries its run's val/acc_best, the figure to choose a stage by
+    assert ["val_acc_best" in r for r in report["stages"]] == [True, True, True, False]
     params = [r["params"] for r in report["stages"]]
     assert params[1] < params[0] and params[2] == params[1] == params[3]  # one of two layers removed
     # The distilled stage trained from the pruned model, with the teacher's soft labels.

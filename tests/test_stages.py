@@ -123,7 +123,7 @@ def test_report_files_have_every_stage_and_column(tmp_path):
     header = [c.strip() for c in table[0].strip("|").split("|")]
     assert header == [h for _, h, _ in COLUMNS]
     assert len(table) == 2 + len(rows)  # header, rule, one row per stage
-    assert table[3].startswith("| int8_dynamic+compile | fp32 | 0.7900 |") and "4.00x" in table[3]
+    assert table[3].startswith("| int8_dynamic+compile | fp32 | — | 0.7900 |") and "4.00x" in table[3]
     assert (tmp_path / "pareto.png").stat().st_size > 5000
     events = EventAccumulator(str(tmp_path / "tensorboard" / "report"), size_guidance={"tensors": 0})
     events.Reload()
@@ -310,3 +310,24 @@ def test_report_stages_loads_measures_and_reports_each_folder_in_order(tiny, tmp
     )
     with pytest.raises(NoTestSplitError):
         report_stages(stages, TaskData(data.train, data.val, Split([], []), data.label_names), cfg, tmp_path)
+
+
+def test_each_trained_stage_shows_its_runs_validation_accuracy_beside_test(tiny, tmp_path, one_thread):
+    """The stage to keep is chosen on validation: a training stage's row carries its run's
+    val/acc_best (metrics.json beside model/); a form made from it without training has none."""
+    model, tokenizer = tiny
+    export_model(model, tokenizer, tmp_path / "run" / "model")
+    export_model(model, tokenizer, tmp_path / "run" / "exported")  # e.g. a deploy/ form: not trained
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps({"val/acc_best": 0.875, "test/acc": 0.5}))
+    cfg = OmegaConf.create({"bench": {"throughput_texts": 32, "latency_texts": 4, "repeats": 1}})
+    stages = [
+        Stage("teacher", tmp_path / "run" / "model", compressed=False),
+        Stage("exported", tmp_path / "run" / "exported", "teacher", compressed=False),
+    ]
+    report = report_stages(stages, task_data(), cfg, tmp_path / "out")
+    first, second = report["stages"]
+    assert first["val_acc_best"] == 0.875 and "val_acc_best" not in second
+    table = (tmp_path / "out" / "report.md").read_text()
+    assert "| stage | input | val acc (training) | test acc |" in table
+    assert "| teacher | — | 0.8750 |" in table and "| exported | teacher | — |" in table
+    assert "Choose between stages on it: the test columns are reported, not chosen on." in table

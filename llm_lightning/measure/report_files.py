@@ -18,6 +18,7 @@ def _points(row: dict) -> str:
 COLUMNS = (
     ("stage", "stage", "{}"),
     ("input", "input", "{}"),
+    ("val_acc_best", "val acc (training)", "{:.4f}"),  # what a choice between stages goes by
     ("acc", "test acc", "{:.4f}"),
     ("f1_macro", "macro-F1", "{:.4f}"),
     ("vs_first_acc_diff", "vs first: Δacc pts [95% CI]", _points),
@@ -65,6 +66,11 @@ def markdown(report: dict) -> str:
             value = row.get(key)
             cells.append("—" if value is None else fmt(row) if callable(fmt) else fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
+    if any("val_acc_best" in row for row in report["stages"]):
+        lines.append(
+            "\nval acc (training): the best validation accuracy of the run that trained the stage, its "
+            "metrics.json's val/acc_best. Choose between stages on it: the test columns are reported, not chosen on."
+        )
     if "paired" in report:
         paired = report["paired"]
         lines.append(

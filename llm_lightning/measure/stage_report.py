@@ -14,6 +14,7 @@ it is an error (the report is still written first, so you can see why).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -110,6 +111,17 @@ def measure_stage(
         }
     )
     return row
+
+
+def validation_accuracy(model_dir: Path) -> float | None:
+    """`val/acc_best` of the training run that exported `model_dir` (its metrics.json beside
+    `model/`): the figure a choice between stages goes by, the test column being reported, not
+    chosen on. None for a quantized or exported form (not trained) or a folder from elsewhere."""
+    metrics = Path(model_dir).parent / "metrics.json"
+    if Path(model_dir).name != "model" or not metrics.is_file():
+        return None
+    value = json.loads(metrics.read_text()).get("val/acc_best")
+    return None if value is None else float(value)
 
 
 def speed_warnings(rows: list[dict]) -> list[str]:
@@ -283,6 +295,8 @@ def report_stages(
                 stage.compressed,
             )
         )
+        if (val := validation_accuracy(stage.path)) is not None:
+            rows[-1]["val_acc_best"] = val
         del model
     return write_report(rows, out, cfg, require_speedup, quantize, final)
 
