@@ -30,11 +30,14 @@ a rerun reuses a stage whose settings and inputs are unchanged, resumes an inter
 last.ckpt when its settings are the same, and retrains a changed one and every stage that reads
 from it; it measures every stage again. Unknown keys are errors. `reuse.teacher=<run folder>` takes
 a finished `train` run (`make train`'s) in as the teacher stage when its settings are the stage's
-(llm_lightning.chain.adopt), instead of training it again.
+(llm_lightning.chain.adopt), instead of training it again. `final_among: [a, b]` makes the
+quantized and deploy forms from whichever of those stages reached the best validation accuracy
+(llm_lightning.chain.final), not from the last one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +55,7 @@ from llm_lightning.chain.compose import (
     training_stages,
 )
 from llm_lightning.chain.deploy import DEPLOY, deploy_configs, made_file, stage_name
+from llm_lightning.chain.final import check_final_among, choose_final
 from llm_lightning.chain.record import (
     DONE,
     RESUME,
@@ -90,6 +94,16 @@ class Chain:
     deploy: dict[str, DictConfig]  # `deploy`: quantize choice -> its shipped settings (chain.deploy)
     deployed: dict[str, Fingerprint]
     reused: dict[str, Path]  # `reuse`: stage -> a finished train run with its settings (chain.adopt)
+    final_among: list[str]  # the stages the final model is chosen among on validation (chain.final)
+
+    def made_from(self, final: str) -> Chain:
+        """The chain with its quantized and deploy forms made from training stage `final`."""
+        inputs = {final: self.fingerprints[final].value}
+        return dataclasses.replace(
+            self,
+            quantized=dataclasses.replace(self.quantized, inputs=inputs),
+            deployed={c: dataclasses.replace(f, inputs=inputs) for c, f in self.deployed.items()},
+        )
 
 
 def prepare(chain: DictConfig) -> Chain:
@@ -113,6 +127,7 @@ def prepare(chain: DictConfig) -> Chain:
             settings_of(configs[s], out), {n: fingerprints[n].value for n in inputs[s]}
         )
     reused = check_reused(chain.get("reuse"), stages, inputs)
+    final_among = check_final_among(chain.get("final_among"), stages)
     for stage, run in reused.items():
         check_same_settings(run, stage, out / stage, fingerprints[stage], out)
     last = stages[-1]
@@ -121,7 +136,9 @@ def prepare(chain: DictConfig) -> Chain:
     deployed = {
         c: Fingerprint(settings_of(q, out, QUANTIZE_UNFINGERPRINTED), made_from) for c, q in deploy.items()
     }
-    return Chain(out, stages, configs, inputs, fingerprints, quantize, quantized, deploy, deployed, reused)
+    return Chain(
+        out, stages, configs, inputs, fingerprints, quantize, quantized, deploy, deployed, reused, final_among
+    )
 
 
 def plan(prepared: Chain) -> dict[str, Decision]:
@@ -202,17 +219,19 @@ def compress(chain: DictConfig) -> dict:
     from llm_lightning.runtime import apply_runtime
 
     prepared = train_stages(chain)
+    final, choice = choose_final(prepared.out, prepared.stages, prepared.final_among)
     cfg = prepared.configs[FIRST_STAGE]  # task, seed, bench and runtime for the report
     apply_runtime(cfg.runtime)
     with open_dict(cfg):
         cfg.quantize = prepared.quantize
-    return quantize_and_report(cfg, prepared)
+    return quantize_and_report(cfg, prepared.made_from(final), final, choice)
 
 
-def quantize_and_report(cfg: DictConfig, prepared: Chain) -> dict:
-    """Quantize the last training stage's model, and build each `deploy` form of it (each unless
-    made with the same fingerprint), then measure every stage in order. Only the stages that prune,
-    quantize or export must be faster than their input; distillation retrains the same shape."""
+def quantize_and_report(cfg: DictConfig, prepared: Chain, final: str, choice: dict | None = None) -> dict:
+    """Quantize training stage `final`'s model (the last one, or the one `choice` records), and build
+    each `deploy` form of it (each unless made with the same fingerprint), then measure every stage
+    in order. Only the stages that prune, quantize or export must be faster than their input;
+    distillation retrains the same shape."""
     from llm_lightning.data import load_task
     from llm_lightning.data.provenance import check_split
     from llm_lightning.measure.stage_report import Stage, report_stages, require_test_split
@@ -224,23 +243,24 @@ def quantize_and_report(cfg: DictConfig, prepared: Chain) -> dict:
         check_split(
             out / stage / "model", cfg.task, cfg.seed, data, allow=bool(cfg.get("allow_split_mismatch"))
         )
-    last = out / stages[-1] / "model"
-    used = build(out, QUANTIZED, q, prepared.quantized, last, data, cfg.task.max_length)
-    for choice, settings in prepared.deploy.items():
-        build(out, f"{DEPLOY}/{choice}", settings, prepared.deployed[choice], last, data, cfg.task.max_length)
+    chosen = out / final / "model"
+    used = build(out, QUANTIZED, q, prepared.quantized, chosen, data, cfg.task.max_length)
+    for method, settings in prepared.deploy.items():
+        build(
+            out, f"{DEPLOY}/{method}", settings, prepared.deployed[method], chosen, data, cfg.task.max_length
+        )
     pruning = {s for s in stages if prepared.configs[s].prune.method != "none"}  # as composed
     specs = [
         Stage(s, out / s / "model", stages[i - 1] if i else None, False, s in pruning)
         for i, s in enumerate(stages)
     ]
-    specs.append(
-        Stage(stage_name(q.method, compiles(q), QUANTIZED), out / QUANTIZED, stages[-1], compiles(q))
-    )
-    for choice, settings in prepared.deploy.items():
-        name = stage_name(choice, compiles(settings), DEPLOY)
-        specs.append(Stage(name, out / DEPLOY / choice, stages[-1], compiles(settings)))
-    final = [spec.name for spec in specs[len(stages) - 1 :]]  # the final student in each of its forms
-    return report_stages(specs, data, cfg, out, used, bool(q.get("require_speedup", False)), final)
+    specs.append(Stage(stage_name(q.method, compiles(q), QUANTIZED), out / QUANTIZED, final, compiles(q)))
+    for method, settings in prepared.deploy.items():
+        name = stage_name(method, compiles(settings), DEPLOY)
+        specs.append(Stage(name, out / DEPLOY / method, final, compiles(settings)))
+    forms = [final, *(spec.name for spec in specs[len(stages) :])]  # the final student in each of its forms
+    gate = bool(q.get("require_speedup", False))
+    return report_stages(specs, data, cfg, out, used, gate, forms, choice)
 
 
 def build(

@@ -304,7 +304,7 @@ def test_an_unknown_key_on_the_command_line_exits_2_naming_the_nearest_key(tmp_p
         load_chain(["quantize.compil=false"])
     with pytest.raises(
         UserError,
-        match=r"unknown key 'stagse' \(did you mean 'stages'\?\); valid keys: common, deploy, out, quantize, ",
+        match=r"unknown key 'stagse' \(did you mean 'stages'\?\); valid keys: common, deploy, final_among, out, quantize, reuse, ",
     ):
         compress(load_chain(["+stagse.extra=[]", f"out={tmp_path / 'chain'}"]))
     assert not (tmp_path / "chain").exists()

@@ -80,6 +80,13 @@ def markdown(report: dict) -> str:
             "exact two-sided test on the texts only one of the two gets right; agree is the share of "
             "identical predictions."
         )
+    if "final_choice" in report:
+        chosen = report["final_choice"]
+        scores = ", ".join(f"{stage} {value:.4f}" for stage, value in chosen["among"].items())
+        lines.append(
+            f"\nThe final model is **{chosen['stage']}**, chosen on the validation split ({chosen['by']}: "
+            f"{scores}); the quantized and deploy forms are made from it."
+        )
     if "fastest_final" in report:
         best = report["fastest_final"]
         diff = ""

@@ -210,11 +210,13 @@ def write_report(
     require_speedup: bool = False,
     quantize: dict | None = None,
     final: Sequence[str] = (),
+    final_choice: dict | None = None,
 ) -> dict:
     """Write report.json, report.md, pareto.png and TensorBoard entries; then apply the speed gate.
     `quantize`: the quantization settings the stages were made with (`settings_as_used`).
     `final`: the stages that are one model in different forms (compress's last student, quantized
-    and exported): the report names the fastest of them, `fastest_final`."""
+    and exported): the report names the fastest of them, `fastest_final`. `final_choice`: how the
+    final training stage was chosen among several on validation (llm_lightning.chain.final)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     found = speed_warnings(rows)
@@ -227,6 +229,8 @@ def write_report(
         report["runtime"] = OmegaConf.to_container(cfg.runtime, resolve=True)
     if quantize is not None and quantize.get("method", "none") != "none":
         report["quantize"] = quantize
+    if final_choice is not None:
+        report["final_choice"] = final_choice
     if fastest := fastest_of(table, final):
         report["fastest_final"] = fastest
     # the per-text lists (one int per test text and stage) stay out of the rows, which remain a
@@ -269,11 +273,12 @@ def report_stages(
     quantize: dict | None = None,
     require_speedup: bool = False,
     final: Sequence[str] = (),
+    final_choice: dict | None = None,
 ) -> dict:
     """Load each stage from its folder, measure it on the test split (one model in memory at a
     time) and write the report to `out`: the one loop `quantize`, `compress` and `report_for_run`
-    share. `quantize`: the quantization settings as used, for the report; `final`: as
-    `write_report`'s. Returns the report."""
+    share. `quantize`: the quantization settings as used, for the report; `final`, `final_choice`:
+    as `write_report`'s. Returns the report."""
     from llm_lightning.models.saved import load_saved
 
     require_test_split(data, str(out))
@@ -298,7 +303,7 @@ def report_stages(
         if (val := validation_accuracy(stage.path)) is not None:
             rows[-1]["val_acc_best"] = val
         del model
-    return write_report(rows, out, cfg, require_speedup, quantize, final)
+    return write_report(rows, out, cfg, require_speedup, quantize, final, final_choice)
 
 
 def stage_dirs(run_dir: Path) -> list[Stage]:
