@@ -120,6 +120,17 @@ def atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
     return target
 
 
+METRICS_FILE = "metrics.json"  # a training run's final metrics (llm_lightning.train)
+BEST_VALIDATION = "val/acc_best"  # in it: the figure stages and runs are chosen by
+
+
+def best_validation_accuracy(run_dir: Path) -> float | None:
+    """`val/acc_best` of the training run in `run_dir`, or None if it wrote none (or is no run)."""
+    metrics = Path(run_dir) / METRICS_FILE
+    value = json.loads(metrics.read_text()).get(BEST_VALIDATION) if metrics.is_file() else None
+    return None if value is None else float(value)
+
+
 def write_json(path: Path, data: dict) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from llm_lightning.artifacts import resolve_ckpt_path, write_json
+from llm_lightning.artifacts import BEST_VALIDATION, METRICS_FILE, resolve_ckpt_path, write_json
 from llm_lightning.callbacks import TokenThroughput, finetune_callbacks, stage_callbacks
 from llm_lightning.data import ClassificationDataModule, load_task
 from llm_lightning.data.provenance import PROVENANCE_FILE, check_split, provenance, write_provenance
@@ -198,7 +198,7 @@ def _save_config(cfg: DictConfig, out: Path, training: dict) -> None:
 def _finish(cfg, trainer, module, tokenizer, metrics: dict, out: Path, training: dict) -> None:
     if cfg.get("export") and not trainer.fast_dev_run:
         export_model(module.model, tokenizer, out / "model", {PROVENANCE_FILE: training})
-    write_json(out / "metrics.json", metrics)
+    write_json(out / METRICS_FILE, metrics)
     for lg in trainer.loggers:
         if isinstance(lg, TensorBoardLogger):
             log_final_hparams(lg, cfg, metrics, trainer.global_step)
@@ -213,7 +213,7 @@ def main(cfg: DictConfig) -> float | None:
     use_child_command()  # DDP ranks rerun this job's overrides in its directory, never the whole sweep
     metrics, _ = train(shared_config(cfg))  # one resolved config (run dir, ${now:}) for every rank
     # Returned for Hydra sweepers (Optuna) to optimise.
-    return metrics.get(cfg.get("optimized_metric", "val/acc_best"))
+    return metrics.get(cfg.get("optimized_metric", BEST_VALIDATION))
 
 
 if __name__ == "__main__":

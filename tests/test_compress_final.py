@@ -31,7 +31,7 @@ def test_the_final_model_is_the_named_stage_with_the_best_validation_accuracy(ch
 
     with_validation(out, pruned=0.9, distilled=0.6)
     report = compress(chain)
-    assert [r["input"] for r in report["stages"][-1:]] == ["pruned"]
+    assert report["stages"][-1]["input"] == "pruned"
     assert quantized_input(out) == {"pruned": fingerprints["pruned"]}
     assert report["final_choice"] == {
         "stage": "pruned",

@@ -30,6 +30,10 @@ def check_reused(
     finished train run. Only a stage that reads no earlier stage can be taken in: the others' runs
     would have read models this chain has not made yet."""
     runs: dict[str, Path] = {}
+    if reuse is not None and not hasattr(reuse, "items"):
+        raise UserError(
+            f"compress: reuse={reuse!r} must map a stage to a run folder, e.g. reuse.teacher=<run folder>."
+        )
     for stage, folder in (reuse or {}).items():
         if folder is None:
             continue  # the stage is the chain's to train

@@ -8,16 +8,17 @@ validation split, after both are trained, and never on the test split the report
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from llm_lightning.artifacts import BEST_VALIDATION as VAL_KEY
+from llm_lightning.artifacts import METRICS_FILE, best_validation_accuracy
 from llm_lightning.errors import UserError
-
-VAL_KEY = "val/acc_best"  # written by every training run (llm_lightning.train)
 
 
 def check_final_among(among, stages: list[str]) -> list[str]:
     """`final_among` checked before anything trains: stages of this chain, or empty (the last)."""
+    if isinstance(among, str):  # `final_among: layers11`, one name
+        among = [among]
     names = [str(n) for n in (among or [])]
     unknown = [n for n in names if n not in stages]
     if unknown:
@@ -35,14 +36,14 @@ def choose_final(out: Path, stages: list[str], among: list[str]) -> tuple[str, d
         return stages[-1], None
     scores = {}
     for stage in among:
-        metrics = Path(out) / stage / "metrics.json"
-        value = json.loads(metrics.read_text()).get(VAL_KEY) if metrics.is_file() else None
+        value = best_validation_accuracy(Path(out) / stage)
         if value is None:
             raise UserError(
-                f"compress: final_among chooses on {VAL_KEY}, and stage {stage!r} has none in {metrics} "
+                f"compress: final_among chooses on {VAL_KEY}, and stage {stage!r} has none in "
+                f"{Path(out) / stage / METRICS_FILE} "
                 "(trained without a validation split?). Give the task a val split, or drop final_among."
             )
-        scores[stage] = float(value)
+        scores[stage] = value
     best = max(among, key=lambda s: scores[s])  # max keeps the first of equal scores
     print(
         f"[compress] final model: {best}, chosen on {VAL_KEY} ("

@@ -14,7 +14,6 @@ it is an error (the report is still written first, so you can see why).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -27,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from llm_lightning.artifacts import write_json
+from llm_lightning.artifacts import best_validation_accuracy, write_json
 from llm_lightning.errors import MissingFileError, UnsupportedError, UserError
 from llm_lightning.measure.bench import BenchSettings, cpu_name, measure
 from llm_lightning.measure.paired import compare
@@ -117,11 +116,9 @@ def validation_accuracy(model_dir: Path) -> float | None:
     """`val/acc_best` of the training run that exported `model_dir` (its metrics.json beside
     `model/`): the figure a choice between stages goes by, the test column being reported, not
     chosen on. None for a quantized or exported form (not trained) or a folder from elsewhere."""
-    metrics = Path(model_dir).parent / "metrics.json"
-    if Path(model_dir).name != "model" or not metrics.is_file():
+    if Path(model_dir).name != "model":
         return None
-    value = json.loads(metrics.read_text()).get("val/acc_best")
-    return None if value is None else float(value)
+    return best_validation_accuracy(Path(model_dir).parent)
 
 
 def speed_warnings(rows: list[dict]) -> list[str]:
