@@ -1,5 +1,6 @@
-"""What importing llm_lightning prints: torchao's CUDA-only kernel warnings are dropped on a CPU
-build of torch, and nothing else torchao says."""
+"""What importing llm_lightning prints: torchao's import-time noise (its CUDA-only kernels on a CPU
+build of torch, torch's deprecation note about its Enums) is dropped, and nothing else either
+logger says."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_lightning import CUDA_ONLY_KERNELS
+from llm_lightning import CUDA_ONLY_KERNELS, TORCHAO_ENUM_NOTE
 
 
 def _stderr(code: str) -> str:
@@ -30,3 +31,13 @@ def test_torchaos_cuda_only_kernel_warnings_are_dropped_on_a_cpu_build_and_nothi
     )
     assert "_C_" not in ours
     assert "Failed to load x.so" in ours  # another file's failure still shows
+
+
+def test_torchs_note_on_torchaos_enums_is_dropped_and_nothing_else():
+    if TORCHAO_ENUM_NOTE not in _stderr("import torchao"):
+        pytest.skip("this torch and torchao say nothing about Enums")
+    ours = _stderr(
+        "import llm_lightning, torchao, logging; logging.getLogger('torch.utils._pytree').warning('other')"
+    )
+    assert TORCHAO_ENUM_NOTE not in ours
+    assert "other" in ours
