@@ -1,23 +1,24 @@
 """One command from fine-tuning to a small, fast model, with a report comparing every stage.
 
-    python -m llm_lightning.compress                                  # recipe=gradual_11_layers (the default)
+    python -m llm_lightning.compress                                  # recipe=gradual_11_layers_twice (the default)
     python -m llm_lightning.compress recipe=quick_15_layers          # conf/recipe/quick_15_layers.yaml
     python -m llm_lightning.compress out=/tmp/chain 'common=["model=tiny","debug=smoke"]'
     python -m llm_lightning.compress --config-dir my_conf recipe=mine   # my_conf/recipe/mine.yaml
 
 The config is conf/compress.yaml, composed by Hydra with a recipe (the `recipe` group, conf/recipe/):
 the stages, each in its own folder under `out`, each exporting its model, run in the order
-written; `teacher` first. The default, `gradual_11_layers`:
+written; `teacher` first. The default, `gradual_11_layers_twice`:
 
     teacher/        fine-tune                                          -> teacher/model
     layers15/       depth-prune 30 -> 15 layers, distil from teacher   -> layers15/model
     layers15_more/  distil again on more texts                         -> ...
-    layers12/, layers12_more/, layers11/   prune a little, distil, ...
-    quantized/      quantize the last stage's model (torchao)          -> quantized/
-    deploy/<choice>/  with `deploy=[openvino_int8,...]`: more forms of the last stage's model
+    layers12/, layers12_more/, layers11/, layers11_more/   prune a little, distil, ...
+    quantized/      quantize layers11 or layers11_more, the better on validation (torchao)
+    deploy/<choice>/  with `deploy=[openvino_int8,...]`: more forms of that model
     report.json, report.md, pareto.png, tensorboard/report   every stage measured the same way
 
-`quick_15_layers` is `teacher -> pruned -> distilled`: one pruning, one distillation.
+`gradual_11_layers` stops at layers11; `quick_15_layers` is `teacher -> pruned -> distilled`: one
+pruning, one distillation.
 The training stages are `llm_lightning.train.train` runs composed from conf/train.yaml with
 `common` and then the stage's own overrides (llm_lightning.chain.compose); a stage names an earlier
 one's model as `{name}` and splices in overrides several stages share as `${steps.<name>}`. The

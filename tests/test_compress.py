@@ -156,9 +156,9 @@ def test_a_chain_that_does_not_start_from_the_teacher_or_names_a_stage_badly_is_
 
 
 def test_the_default_gradual_recipe_runs_its_stages_in_order(tmp_path):
-    """The default recipe, conf/recipe/gradual_11_layers.yaml, wired end to end on a 20-layer tiny
-    model: 15, 3 and 1 layers pruned in turn, each step distilled from the teacher (on 48 transfer
-    texts, not 30,000)."""
+    """The default recipe, conf/recipe/gradual_11_layers_twice.yaml, wired end to end on a 20-layer
+    tiny model: 15, 3 and 1 layers pruned in turn, each step distilled from the teacher (on 48
+    transfer texts, not 30,000), and the better of the two 11-layer stages on validation quantized."""
     common = 'common=["model=tiny","debug=smoke","bench=quick","runtime.threads=1"]'
     chain = load_chain([f"out={tmp_path / 'chain'}", common])
     assert list(chain.stages) == [  # the default recipe's
@@ -168,7 +168,9 @@ def test_the_default_gradual_recipe_runs_its_stages_in_order(tmp_path):
         "layers12",
         "layers12_more",
         "layers11",
+        "layers11_more",
     ]
+    assert list(chain.final_among) == ["layers11", "layers11_more"]
     assert chain.quantize.method == "int8_dynamic"  # the shipped quantize settings stay
     chain.stages.teacher = ["model.num_layers=20"]
     for stage in list(chain.stages)[1:]:
@@ -186,6 +188,7 @@ def test_the_default_gradual_recipe_runs_its_stages_in_order(tmp_path):
         "layers12": 2,
         "layers12_more": 2,
         "layers11": 1,
+        "layers11_more": 1,
     }
     assert [(r["stage"], r["compressed"]) for r in report["stages"]] == [
         ("teacher", False),
@@ -194,16 +197,18 @@ def test_the_default_gradual_recipe_runs_its_stages_in_order(tmp_path):
         ("layers12", True),
         ("layers12_more", False),
         ("layers11", True),
+        ("layers11_more", False),
         ("quantized (int8_dynamic)", True),
     ]
+    assert set(report["final_choice"]["among"]) == {"layers11", "layers11_more"}
 
 
-def test_the_twice_recipe_is_the_default_chain_plus_one_stage_and_reuses_its_stages(tmp_path):
-    """recipe=gradual_11_layers_twice exists to choose one or two distillations at 11 layers on
-    validation: it must write where the default writes, with the same fingerprints, so a chain that
-    ran the default trains only layers11_more."""
-    once = prepare(load_chain([]))
-    twice = prepare(load_chain(["recipe=gradual_11_layers_twice"]))
+def test_the_default_recipe_is_gradual_11_layers_plus_one_stage_and_reuses_its_stages(tmp_path):
+    """The default, gradual_11_layers_twice, chooses one or two distillations at 11 layers on
+    validation: it must write where recipe=gradual_11_layers writes, with the same fingerprints, so a
+    chain that ran that one trains only layers11_more."""
+    once = prepare(load_chain(["recipe=gradual_11_layers"]))
+    twice = prepare(load_chain([]))
     assert twice.out == once.out
     assert twice.stages == [*once.stages, "layers11_more"]
     assert {s: twice.fingerprints[s].value for s in once.stages} == {
