@@ -25,6 +25,7 @@ COLUMNS = (
     ("vs_first_mcnemar_p", "McNemar p", "{:.3g}"),
     ("vs_first_agreement", "agree", "{:.2%}"),
     ("tokens_per_s_b16", "tok/s b16", "{:,.0f}"),
+    ("tokens_per_s_b16_turns", "tok/s b16, final forms in turns", "{:,.0f}"),
     ("texts_per_s_b16", "texts/s b16", "{:,.1f}"),
     ("tokens_per_s_b32", "tok/s b32", "{:,.0f}"),
     ("texts_per_s_b32", "texts/s b32", "{:,.1f}"),
@@ -95,10 +96,17 @@ def markdown(report: dict) -> str:
                 f", {100 * best['vs_first_acc_diff']:+.2f} points against the first stage "
                 f"({100 * best['vs_first_acc_diff_low']:+.2f} to {100 * best['vs_first_acc_diff_high']:+.2f})"
             )
+        in_turns = ""
+        if best.get("by") == "tokens_per_s_b16_turns":
+            in_turns = (
+                f"; chosen on the final forms timed in turns batch by batch, where it ran "
+                f"{best['tokens_per_s_b16_turns']:,.0f} tokens/s (rounds "
+                f"{best['tokens_per_s_b16_turns_min']:,.0f}-{best['tokens_per_s_b16_turns_max']:,.0f})"
+            )
         lines.append(
             f"\nFastest form of the final model: **{best['stage']}**, {best[report['speed_key']]:,.0f} tokens/s "
             f"at batch 16 ({best['speedup_vs_first']:.2f}x the first stage), accuracy {100 * best['acc']:.2f}%"
-            f"{diff}{_batch_one(best)}; among {', '.join(best['among'])}."
+            f"{diff}{_batch_one(best)}; among {', '.join(best['among'])}{in_turns}."
         )
         if "quickest_b1" in best:
             quick = best["quickest_b1"]

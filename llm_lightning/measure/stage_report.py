@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import statistics
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,10 @@ from llm_lightning.quantization.onednn_int8 import int8_codes_name
 log = logging.getLogger(__name__)
 
 SPEED_KEY = "tokens_per_s_b16"  # what "faster" means: batch-16 throughput on real test texts
+# the final forms (`final`) timed again at batch 16, in turns batch by batch: their ratios without
+# the machine's drift, which rows measured one after another carry (a chain's ONNX Runtime form
+# read 0.62x its OpenVINO form in the report, 0.95x in turns: docs/BENCHMARKS.md, "The chain")
+TURNS_KEY = "tokens_per_s_b16_turns"
 LATENCY_KEY = "latency_p50_ms"  # and "quicker": one text at a time, the median
 # per-text lists a row carries from measure_stage; report.json keeps them apart, under "per_text"
 PER_TEXT = ("predictions", "labels")
@@ -175,11 +180,13 @@ def fastest_of(rows: list[dict], names: Sequence[str]) -> dict | None:
     chosen = [r for r in rows if r["stage"] in names]
     if len(chosen) < 2:
         return None
-    best = max(chosen, key=lambda r: r[SPEED_KEY])
+    by = TURNS_KEY if all(TURNS_KEY in r for r in chosen) else SPEED_KEY
+    best = max(chosen, key=lambda r: r[by])
     diff = ("vs_first_acc_diff", "vs_first_acc_diff_low", "vs_first_acc_diff_high")
     latency = (LATENCY_KEY, "latency_speedup_vs_first")
-    keys = ("stage", SPEED_KEY, "speedup_vs_first", "acc", *diff, *latency)
-    fastest = {k: best[k] for k in keys if k in best} | {"among": list(names)}
+    turns = (TURNS_KEY, f"{TURNS_KEY}_min", f"{TURNS_KEY}_max")
+    keys = ("stage", SPEED_KEY, "speedup_vs_first", "acc", *diff, *latency, *turns)
+    fastest = {k: best[k] for k in keys if k in best} | {"among": list(names), "by": by}
     timed = [r for r in chosen if r.get(LATENCY_KEY)]
     quickest = min(timed, key=lambda r: r[LATENCY_KEY]) if timed else best
     if quickest is not best:
@@ -300,7 +307,44 @@ def report_stages(
         if (val := validation_accuracy(stage.path)) is not None:
             rows[-1]["val_acc_best"] = val
         del model
+    forms = [stage for stage in stages if stage.name in final]
+    if len(forms) >= 2:
+        in_turns = final_forms_in_turns(forms, data, settings)
+        for row in rows:
+            row.update(in_turns.get(row["stage"], {}))
     return write_report(rows, out, cfg, require_speedup, quantize, final, final_choice)
+
+
+def final_forms_in_turns(forms: Sequence[Stage], data, settings: BenchSettings) -> dict[str, dict]:
+    """Batch-16 tokens/s of the final model's forms timed in turns batch by batch
+    (llm_lightning.measure.bench.turns), all loaded at once, each run as its row was measured
+    (compiled or not, padding-free as `bench.padding_free` says), over `bench.repeats` rounds of
+    the first `bench.throughput_texts` test texts: `{stage: {TURNS_KEY: median, TURNS_KEY_min:
+    slowest round, TURNS_KEY_max: fastest}}`."""
+    from llm_lightning.measure.bench import rates_in_turns, timed_pass, turn_batches
+    from llm_lightning.measure.compiling import maybe_compile
+    from llm_lightning.measure.padding_free import padding_free
+    from llm_lightning.models.saved import load_saved
+
+    models, tokenizer = {}, None
+    for stage in forms:
+        model, tokenizer, _ = load_saved(stage.path)
+        model = maybe_compile(model, stage.compile)
+        if settings.padding_free:
+            model = padding_free(model, tokenizer.pad_token_id)
+        models[stage.name] = model.eval()
+    texts = list(data.test.texts[: settings.throughput_texts])
+    log.info("Timing the final forms in turns at batch 16: %s", ", ".join(models))
+    batches = turn_batches(tokenizer, texts, 16, settings.max_length)
+    with torch.inference_mode():
+        for model in models.values():
+            for _ in range(settings.warmup):  # compiles, warms caches: untimed
+                timed_pass(model, batches)
+    rates = rates_in_turns(models, tokenizer, texts, 16, settings.repeats, settings.max_length)
+    return {
+        name: {TURNS_KEY: statistics.median(r), f"{TURNS_KEY}_min": min(r), f"{TURNS_KEY}_max": max(r)}
+        for name, r in rates.items()
+    }
 
 
 def stage_dirs(run_dir: Path) -> list[Stage]:
