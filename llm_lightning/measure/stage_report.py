@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import statistics
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -321,7 +320,7 @@ def final_forms_in_turns(forms: Sequence[Stage], data, settings: BenchSettings) 
     (compiled or not, padding-free as `bench.padding_free` says), over `bench.repeats` rounds of
     the first `bench.throughput_texts` test texts: `{stage: {TURNS_KEY: median, TURNS_KEY_min:
     slowest round, TURNS_KEY_max: fastest}}`."""
-    from llm_lightning.measure.bench import rates_in_turns, timed_pass, turn_batches
+    from llm_lightning.measure.bench import rates_in_turns, spread, timed_pass, turn_batches
     from llm_lightning.measure.compiling import maybe_compile
     from llm_lightning.measure.padding_free import padding_free
     from llm_lightning.models.saved import load_saved
@@ -341,10 +340,7 @@ def final_forms_in_turns(forms: Sequence[Stage], data, settings: BenchSettings) 
             for _ in range(settings.warmup):  # compiles, warms caches: untimed
                 timed_pass(model, batches)
     rates = rates_in_turns(models, tokenizer, texts, 16, settings.repeats, settings.max_length)
-    return {
-        name: {TURNS_KEY: statistics.median(r), f"{TURNS_KEY}_min": min(r), f"{TURNS_KEY}_max": max(r)}
-        for name, r in rates.items()
-    }
+    return {name: spread({TURNS_KEY: per_round}) for name, per_round in rates.items()}
 
 
 def stage_dirs(run_dir: Path) -> list[Stage]:
