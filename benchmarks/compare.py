@@ -1,4 +1,4 @@
-"""Saved models side by side: test accuracy, and batch-16 throughput timed in turns.
+"""Saved models side by side: test (or validation) accuracy, and batch-16 throughput timed in turns.
 
     flock /tmp/heavy.lock python benchmarks/compare.py \\
         teacher=outputs/sentiment/run-full-5e-5/model \\
@@ -13,8 +13,10 @@ measured: the fp32 teacher and the chain's last model in one process, in turns b
 length; ratios are to the first model, taken round by round (each round's models ran together),
 printed as the median with the slowest and fastest round's ratio. Accuracy is compared with the first
 model text by text (llm_lightning.measure.paired): the difference in points with its 95% paired
-bootstrap interval, the exact McNemar p-value and the share of identical predictions. `--padding-free` adds each model again with its batches
-packed into unpadded rows (llm_lightning.measure.padding_free), as `NAME+padding_free`.
+bootstrap interval, the exact McNemar p-value and the share of identical predictions.
+`--split validation` scores the validation texts instead: the split to choose between models on
+(docs/BENCHMARKS.md, "The rule"); the test split reports the model chosen. `--padding-free` adds
+each model again with its batches packed into unpadded rows (llm_lightning.measure.padding_free), as `NAME+padding_free`.
 `NAME=PATH@eager` (or `@sdpa`) runs that model with that attention kernel instead of the one it
 loads with (an exported `model/` folder loads with SDPA; a quantized folder with the one it was saved
 with), e.g. to time the fp32 teacher with both kernels.
@@ -44,6 +46,7 @@ from llm_lightning.quantization.torchao_path import set_attention
 from llm_lightning.runtime import conf_dir, user_errors
 
 ORDERS = ("split order", "sorted by length")
+SPLITS = {"test": "test", "validation": "val"}  # --split -> TaskData's field
 
 
 def load(path: Path, attention: str | None = None):
@@ -66,15 +69,17 @@ def paired_cells(labels: list[int], first: list[int], preds: list[int]) -> str:
     return f"{diff:+.2f} [{low:+.2f}, {high:+.2f}] | {got['mcnemar_p']:.3g} | {got['agreement']:.2%}"
 
 
-def print_table(models: dict, turns: dict, labels: list[int], rounds: int, texts: int) -> None:
+def print_table(
+    models: dict, turns: dict, labels: list[int], rounds: int, texts: int, split: str = "test"
+) -> None:
     first = next(iter(models))
     print(
-        f"\nIn turns, batch by batch ({rounds} rounds, batch 16, {texts} test texts): tok/s and the ratio "
+        f"\nIn turns, batch by batch ({rounds} rounds, batch 16, {texts} {split} texts): tok/s and the ratio "
         "to the first model, each round's ratio taken within the round; median (slowest–fastest round). "
-        f"Accuracy vs the first model text by text on all {len(labels)} test texts."
+        f"Accuracy vs the first model text by text on all {len(labels)} {split} texts."
     )
     print(
-        "| model | compiled | params | test acc | Δacc pts vs first [95% CI] | McNemar p | agree | "
+        f"| model | compiled | params | {split} acc | Δacc pts vs first [95% CI] | McNemar p | agree | "
         "split order tok/s | vs first | sorted by length tok/s | vs first |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -104,6 +109,12 @@ def parse_args() -> tuple[argparse.Namespace, dict[str, tuple[Path, str | None]]
     parser.add_argument("--padding-free", action="store_true", help="each model also padding-free")
     parser.add_argument("--seed", type=int, default=42, help="the training run's seed: the same test split")
     parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="test",
+        help="validation: to choose between models; test: to report the one chosen (docs/BENCHMARKS.md, the rule)",
+    )
+    parser.add_argument(
         "--allow-split-mismatch",
         action="store_true",
         help="score models on splits other than their training.json's",
@@ -132,18 +143,19 @@ def main() -> None:
     data = load_task(task, args.seed)
     for path, _ in paths.values():  # every model scored on the texts it was trained against
         check_split(path, task, args.seed, data, allow=args.allow_split_mismatch)
-    test = data.test
+    scored = getattr(data, SPLITS[args.split])
     print(
-        f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}; {len(test)} test texts", flush=True
+        f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}; {len(scored)} {args.split} texts",
+        flush=True,
     )
-    models = load_all(paths, test, task.max_length, args)
-    texts = list(test.texts[: args.texts])
+    models = load_all(paths, scored, task.max_length, args)
+    texts = list(scored.texts[: args.texts])
     turns = in_turns(models, texts, args.rounds, task.max_length)
-    print_table(models, turns, list(test.labels), args.rounds, len(texts))
+    print_table(models, turns, list(scored.labels), args.rounds, len(texts), args.split)
 
 
 def load_all(paths: dict, test, max_length: int, args: argparse.Namespace) -> dict:
-    """Per name: (model, tokenizer, compiled, test metrics, parameters), each model loaded and
+    """Per name: (model, tokenizer, compiled, metrics on `test`'s texts, parameters), each model loaded and
     scored (which compiles its batch shapes); with `--padding-free` also `NAME+padding_free`."""
     models = {}
     for name, (path, attention) in paths.items():
