@@ -14,7 +14,8 @@ fuses into them: ORT's activation quantization, OpenVINO's and oneDNN's rescalin
 
   torch        torch.profiler: oneDNN's qlinear, or torch._int_mm (benchmarks/int8_profile.py)
   OpenVINO     its PERF_COUNT counters, on a second compile of the same IR: one request on all
-               threads (the deployed folder cuts a batch over two one-thread streams)
+               threads (the deployed folder cuts a batch over two one-thread streams; the same
+               kernels and rows, so its int8 matmul time stands for theirs)
   ONNX Runtime its session profiling: MatMulInteger(ToFloat), DynamicQuantizeMatMul, QLinearMatMul
 
 The bound: the first model with everything but its int8 matmuls taking no time at all would run at
@@ -65,29 +66,35 @@ def profile_torch(model, batches) -> tuple[float, float]:
 
 
 def profile_openvino(model: RuntimeClassifier, batches) -> tuple[float, float]:
-    """(int8 matmul seconds, wall seconds) of one pass of the folder's IR compiled with counters."""
+    """(int8 matmul seconds, wall seconds) of one pass of the folder's IR compiled again with
+    counters on, as one request on all threads. OpenVINO's CPU counters are each node's mean over
+    every inference the request has run, so a pass's seconds are the difference of mean x count."""
     import openvino as ov
 
-    core = ov.Core()
     config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERF_COUNT": True}
     config["PERFORMANCE_HINT"] = "LATENCY"  # one request: its counters are the whole batch's
-    if model.meta.get("inference_precision_hint"):
+    if model.meta.get("inference_precision_hint"):  # as llm_lightning.runtimes.openvino.load sets it
         config["INFERENCE_PRECISION_HINT"] = model.meta["inference_precision_hint"]
-    request = core.compile_model(str(model.path / model.meta["model"]), "CPU", config).create_infer_request()
+    request = (
+        ov.Core().compile_model(str(model.path / model.meta["model"]), "CPU", config).create_infer_request()
+    )
     fed = [model.feed(ids, mask) for ids, mask in batches]
-    for inputs in fed:  # warm-up, untimed
+    for inputs in fed:  # compiles each shape, warms up: untimed
         request.infer(inputs)
-    matmuls = wall = 0.0
+    before = len(fed) * int8_matmul_mean(request.profiling_info)
+    wall = 0.0
     for inputs in fed:
         started = time.perf_counter()
         request.infer(inputs)
         wall += time.perf_counter() - started
-        matmuls += sum(
-            info.real_time.total_seconds()
-            for info in request.profiling_info  # the last inference's counters
-            if openvino_is_int8_matmul(info.node_type, info.exec_type)
-        )
-    return matmuls, wall
+    return 2 * len(fed) * int8_matmul_mean(request.profiling_info) - before, wall
+
+
+def int8_matmul_mean(counters) -> float:
+    """Seconds per inference in OpenVINO's int8 matmul nodes, by its counters."""
+    return sum(
+        c.real_time.total_seconds() for c in counters if openvino_is_int8_matmul(c.node_type, c.exec_type)
+    )
 
 
 def profile_onnxruntime(model: RuntimeClassifier, batches) -> tuple[float, float]:
