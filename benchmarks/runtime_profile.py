@@ -24,8 +24,9 @@ batches: the peer's time in each round of the turns, over the first model's int8
 its profiled passes (the median of `--profiles`; a profiler's own cost falls outside the kernels,
 which is why the split's milliseconds, taken under the profilers, add up to a little more than the
 turns' time). The last column is what the first model's rest (its work besides the int8 matmuls)
-may take, at most, for `--target` times the peer's median speed; compare it with its rest now. Issue 21 asks for 1.5x OpenVINO's best; a bound under 1.5 says no graph work can reach it
-with these matmul kernels. Current figures: docs/BENCHMARKS.md, "Where the runtimes' time goes".
+may take, at most, for `--target` times the peer's median speed; compare it with its rest now.
+Issue 21 asks for 1.5x OpenVINO's best: a bound under 1.5 says no graph work can reach it with
+these matmul kernels. Current figures: docs/BENCHMARKS.md, "Where the runtimes' time goes".
 """
 
 from __future__ import annotations
