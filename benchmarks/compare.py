@@ -16,7 +16,8 @@ model text by text (llm_lightning.measure.paired): the difference in points with
 bootstrap interval, the exact McNemar p-value and the share of identical predictions.
 `--split validation` scores the validation texts instead: the split to choose between models on
 (docs/BENCHMARKS.md, "The rule"); the test split reports the model chosen. `--padding-free` adds
-each model again with its batches packed into unpadded rows (llm_lightning.measure.padding_free), as `NAME+padding_free`.
+each model again with its batches packed into unpadded rows (llm_lightning.measure.padding_free),
+as `NAME+padding_free`.
 `NAME=PATH@eager` (or `@sdpa`) runs that model with that attention kernel instead of the one it
 loads with (an exported `model/` folder loads with SDPA; a quantized folder with the one it was saved
 with), e.g. to time the fp32 teacher with both kernels.
@@ -103,7 +104,7 @@ def parse_args() -> tuple[argparse.Namespace, dict[str, tuple[Path, str | None]]
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("models", nargs="+", help="NAME=PATH, the first is the baseline")
-    parser.add_argument("--texts", type=int, default=128, help="test texts per throughput pass")
+    parser.add_argument("--texts", type=int, default=128, help="texts per throughput pass")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--padding-free", action="store_true", help="each model also padding-free")
@@ -154,16 +155,18 @@ def main() -> None:
     print_table(models, turns, list(scored.labels), args.rounds, len(texts), args.split)
 
 
-def load_all(paths: dict, test, max_length: int, args: argparse.Namespace) -> dict:
-    """Per name: (model, tokenizer, compiled, metrics on `test`'s texts, parameters), each model loaded and
+def load_all(paths: dict, scored, max_length: int, args: argparse.Namespace) -> dict:
+    """Per name: (model, tokenizer, compiled, metrics on `scored`'s texts, parameters), each model loaded and
     scored (which compiles its batch shapes); with `--padding-free` also `NAME+padding_free`."""
     models = {}
     for name, (path, attention) in paths.items():
         started = time.perf_counter()
         model, tokenizer, compiled = load(path, attention)
-        rows = tokenizer(list(test.texts), truncation=True, max_length=max_length)["input_ids"]
+        rows = tokenizer(list(scored.texts), truncation=True, max_length=max_length)["input_ids"]
         with torch.inference_mode():  # the accuracy pass also compiles every batch shape
-            metrics = evaluate(model, rows, test.labels, model.config.num_labels, 32, tokenizer.pad_token_id)
+            metrics = evaluate(
+                model, rows, scored.labels, model.config.num_labels, 32, tokenizer.pad_token_id
+            )
         params = parameter_count(model)
         models[name] = (model, tokenizer, compiled, metrics, params)
         print(
@@ -176,12 +179,12 @@ def load_all(paths: dict, test, max_length: int, args: argparse.Namespace) -> di
             packed = padding_free(model, tokenizer.pad_token_id)
             with torch.inference_mode():  # compiles the packed shapes too
                 metrics = evaluate(
-                    packed, rows, test.labels, model.config.num_labels, 32, tokenizer.pad_token_id
+                    packed, rows, scored.labels, model.config.num_labels, 32, tokenizer.pad_token_id
                 )
                 evaluate(
                     packed,
                     rows[: args.texts],
-                    test.labels[: args.texts],
+                    scored.labels[: args.texts],
                     model.config.num_labels,
                     16,
                     tokenizer.pad_token_id,
