@@ -21,9 +21,9 @@ fuses into them: ORT's activation quantization, OpenVINO's and oneDNN's rescalin
 The bound: the first model with everything but its int8 matmuls taking no time at all would run at
 most `peer's time / the first model's int8 matmul time` times as fast as the peer, on the same
 batches: the peer's time in each round of the turns, over the first model's int8 matmul seconds in
-its profiled passes (the median of `--profiles`; a profiler's own cost falls outside the kernels,
-which is why the split's milliseconds, taken under the profilers, add up to a little more than the
-turns' time). The last column is what the first model's rest (its work besides the int8 matmuls)
+its profiled passes (the median of `--profiles`; a profiler's own cost falls outside the kernels).
+The split's milliseconds come from those passes, taken after the turns, so they need not add up to
+the turns' time: on the teacher and the chain's student they read 12% less to 36% more. The last column is what the first model's rest (its work besides the int8 matmuls)
 may take, at most, for `--target` times the peer's median speed; compare it with its rest now.
 Issue 21 asks for 1.5x OpenVINO's best: a bound under 1.5 says no graph work can reach it with
 these matmul kernels. Current figures: docs/BENCHMARKS.md, "Where the runtimes' time goes".
