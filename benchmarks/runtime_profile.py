@@ -170,6 +170,11 @@ def main() -> None:
     parser.add_argument("--profiles", type=int, default=3, help="profiled passes per model (median)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42, help="the training run's seed: the same test split")
+    parser.add_argument(
+        "--allow-split-mismatch",
+        action="store_true",
+        help="time models trained against other splits (as benchmarks/compare.py)",
+    )
     args = parser.parse_args()
     paths = dict(spec.partition("=")[::2] for spec in args.models)
     if len(paths) < 2 or not all(name and Path(path).exists() for name, path in paths.items()):
@@ -179,7 +184,7 @@ def main() -> None:
     task = OmegaConf.load(conf_dir() / "task" / "sentiment.yaml")
     data = load_task(task, args.seed)
     for path in paths.values():  # every model on the texts it was trained against
-        check_split(Path(path), task, args.seed, data)
+        check_split(Path(path), task, args.seed, data, allow=args.allow_split_mismatch)
     print(f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}", flush=True)
     models, tokenizer = {}, None
     for name, path in paths.items():
